@@ -1,0 +1,12 @@
+"""Pure float64 solver math: schedules, grids, solvers -> StepProgram, and an eager reference executor."""
+
+from . import schedules
+from .program import Lin, ProgramBuilder, Stage, StepProgram
+from .reference import run_reference
+from .registry import BuildContext, CommonOptions, available, build, get, register
+from .spacing import SPACINGS, Grid, Spacing, make_grid
+from .spec import ModelSpec
+
+__all__ = ["schedules", "Lin", "ProgramBuilder", "Stage", "StepProgram", "run_reference", "BuildContext",
+           "CommonOptions", "available", "build", "get", "register", "SPACINGS", "Grid", "Spacing", "make_grid",
+           "ModelSpec"]

@@ -1,0 +1,178 @@
+"""One registry of solvers; :func:`build` validates everything and returns a StepProgram."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from .program import ProgramBuilder, StepProgram
+from .spacing import Grid, Spacing, as_spacing, make_grid
+from .spec import ModelSpec
+
+__all__ = ["register", "available", "build", "BuildContext", "CommonOptions", "get"]
+
+
+@dataclass(frozen=True)
+class CommonOptions:
+    """Options every solver takes.
+
+    final: "zero" ends at sigma = 0 (the clean sample), "sigma_min" at the schedule's smallest sigma.
+    lower_order_final: multistep solvers drop to lower order on the last steps when nfe < 15 (diffusers' rule).
+    euler_at_final: take the very last step with first-order Euler.
+    """
+
+    final: str = "zero"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+
+    def __post_init__(self):
+        if self.final not in ("zero", "sigma_min"):
+            raise ValueError(f"final must be 'zero' or 'sigma_min', got {self.final!r}")
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a solver function receives: the spec, NFE, spacing, guidance and helpers for grids and builders."""
+
+    name: str
+    spec: ModelSpec
+    nfe: int
+    spacing: Spacing
+    guidance_scale: float | None
+
+    def grid(self, n: int, *, family: str = "multistep", final: str = "zero") -> Grid:
+        return make_grid(self.spec, self.spacing, n, family=family, final=final)
+
+    def builder(self, options: Any) -> ProgramBuilder:
+        opts = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options or {})
+        opts["spacing"] = self.spacing.name
+        return ProgramBuilder(self.name, self.spec, self.guidance_scale, **opts)
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    name: str
+    fn: Callable[[BuildContext, Any], StepProgram]
+    options: type
+    default_spacing: Callable[[ModelSpec], str]
+    stochastic: bool
+    deterministic_nfe: Callable[[int], bool] | None = None
+
+    @property
+    def doc(self) -> str:
+        return (self.fn.__doc__ or "").strip().splitlines()[0] if self.fn.__doc__ else ""
+
+
+_REGISTRY: dict[str, SolverInfo] = {}
+
+
+def _default_spacing(spec: ModelSpec) -> str:
+    kind = spec.schedule.kind
+    if kind == "flow":
+        return "flow"
+    if kind == "edm":
+        return "karras"
+    return "linspace"
+
+
+def register(name: str, options: type = CommonOptions, *, stochastic: bool = False,
+             default_spacing: Callable[[ModelSpec], str] = _default_spacing):
+    """Decorator: ``@register("dpmpp_2m", DPMOptions)`` on ``fn(ctx: BuildContext, opts) -> StepProgram``."""
+
+    def deco(fn):
+        if name in _REGISTRY:
+            raise RuntimeError(f"solver {name!r} registered twice")
+        _REGISTRY[name] = SolverInfo(name, fn, options, default_spacing, stochastic)
+        return fn
+
+    return deco
+
+
+def available() -> list[str]:
+    """Names of every registered solver."""
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> SolverInfo:
+    _load_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown solver {name!r}; valid solvers: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def spacing_from_diffusers(cfg: dict) -> Spacing | None:
+    """The spacing a diffusers scheduler config asks for (karras / exponential / beta flags, timestep_spacing)."""
+    if cfg.get("use_karras_sigmas"):
+        return Spacing("karras")
+    if cfg.get("use_exponential_sigmas"):
+        return Spacing("exponential")
+    if cfg.get("use_beta_sigmas"):
+        return Spacing("beta")
+    if cfg.get("use_flow_sigmas") or "FlowMatch" in str(cfg.get("_class_name", "")):
+        return Spacing("flow")
+    ts = cfg.get("timestep_spacing")
+    if ts in ("linspace", "leading", "trailing"):
+        return Spacing(ts, steps_offset=int(cfg.get("steps_offset", 0) or 0))
+    return None
+
+
+def build(name: str, spec: ModelSpec, nfe: int, spacing: "str | Spacing | Sequence[float] | None" = None, *,
+          guidance_scale: float | None = None, **options: Any) -> StepProgram:
+    """Build solver ``name`` for ``spec`` with ``nfe`` network calls as a float64 StepProgram.
+
+    spacing: a name from ``fs.solvers.SPACINGS``, a :class:`Spacing`, an explicit decreasing list of timesteps,
+    or None (the spec's diffusers config if it has one, else the solver's default).  guidance_scale: None (no
+    classifier-free guidance) or a finite w >= 0; the network is then called on [uncond; cond] halves.
+    options: the solver's options dataclass fields (``fs.solvers.get(name).options``).
+    """
+    info = get(name)
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"spec must be a fs.ModelSpec, got {type(spec).__name__}")
+    if isinstance(nfe, bool) or not isinstance(nfe, int):
+        raise TypeError(f"nfe must be an int, got {type(nfe).__name__}")
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    if guidance_scale is not None:
+        g = float(guidance_scale)
+        if not math.isfinite(g) or g < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (or None), got {guidance_scale}")
+        guidance_scale = g
+    if spacing is None:
+        sp = spacing_from_diffusers(dict(spec.diffusers_config)) if spec.diffusers_config else None
+        if sp is not None and sp.name not in ("flow",) and spec.schedule.kind == "flow" and sp.name != "flow":
+            sp = None
+        sp = as_spacing(sp if sp is not None else info.default_spacing(spec), spec)
+    else:
+        sp = as_spacing(spacing, spec)
+    fields = {f.name for f in dataclasses.fields(info.options)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {unknown}; valid options: {sorted(fields)}")
+    opts = info.options(**options)
+    ctx = BuildContext(name, spec, nfe, sp, guidance_scale)
+    prog = info.fn(ctx, opts)
+    if prog.nfe != nfe:
+        raise AssertionError(f"{name} built {prog.nfe} network calls for nfe={nfe}")
+    return prog
+
+
+_LOADED = False
+
+
+def _load_all() -> None:
+    """Import the solver modules so their @register decorators run."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    import importlib
+    import pkgutil
+
+    from . import __path__ as pkg_path
+
+    for m in pkgutil.iter_modules(pkg_path):
+        if m.name.startswith("algo_"):
+            importlib.import_module(f"{__package__}.{m.name}")

@@ -1,0 +1,296 @@
+"""Timestep grids: which points of the schedule a sampler visits.
+
+A spacing is named once (``spacing="karras"``) or given as a :class:`Spacing` with its parameters.  Grids are
+built the way diffusers builds them for the corresponding scheduler family, so the same config gives the same
+timesteps (including diffusers' float32 rounding of sigma tables); the family is the solver's business:
+
+* ``"multistep"`` -- DPMSolverMultistep / UniPC / DEIS / DPMSolverSinglestep: ``n + 1`` integer timesteps with
+  the last dropped; sigma-space spacings map back to (rounded) timesteps.
+* ``"euler"`` -- Euler / Heun: ``n`` (possibly fractional) timesteps with linearly interpolated sigmas.
+
+Timestep spacings: linspace, leading (``steps_offset``), trailing.  Sigma spacings: karras (``rho``),
+exponential, beta (``beta_a``, ``beta_b``), ays (Align Your Steps tables for SD1.5 / SDXL / SVD, log-linearly
+interpolated to other step counts as in the AYS paper), and explicit ``timesteps`` / ``sigmas`` lists.  Flow
+schedules use ``flow`` (the shifted linear grid of SD3 / Flux); EDM schedules default to karras.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .schedules import EDM, DiscreteVP, Flow, Point
+from .spec import ModelSpec
+
+__all__ = ["Spacing", "Grid", "SPACINGS", "make_grid", "karras_sigmas", "exponential_sigmas", "beta_sigmas",
+           "ays_sigmas", "AYS_TABLES", "as_spacing", "loglinear_interp"]
+
+SPACINGS = ("linspace", "leading", "trailing", "karras", "exponential", "beta", "ays", "flow", "timesteps",
+            "sigmas")
+_TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+_SIGMA_SPACINGS = ("karras", "exponential", "beta", "ays")
+_VALID = {
+    "vp": _TIMESTEP_SPACINGS + _SIGMA_SPACINGS + ("timesteps", "sigmas"),
+    "edm": ("karras", "exponential", "beta", "ays", "sigmas"),
+    "flow": ("flow", "linspace", "karras", "exponential", "beta", "timesteps", "sigmas"),
+}
+
+# Align Your Steps (Sabour et al. 2024) 10-step schedules, as published (k-diffusion sigmas, last = 0).
+AYS_TABLES = {
+    "sd15": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.0),
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.0),
+    "svd": (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.0),
+}
+
+
+@dataclass(frozen=True)
+class Spacing:
+    """A spacing name with its parameters.  ``values`` holds an explicit list for "timesteps" / "sigmas"."""
+
+    name: str
+    rho: float = 7.0
+    steps_offset: int = 0
+    beta_a: float = 0.6
+    beta_b: float = 0.6
+    ays: str = "sd15"
+    values: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.name not in SPACINGS:
+            raise ValueError(f"unknown spacing {self.name!r}; valid spacings: {', '.join(SPACINGS)}")
+        if self.name in ("timesteps", "sigmas"):
+            if self.values is None or len(self.values) < 1:
+                raise ValueError(f"spacing {self.name!r} needs a non-empty list of values")
+            vals = tuple(float(v) for v in self.values)
+            if not all(math.isfinite(v) for v in vals):
+                raise ValueError(f"spacing {self.name!r}: values must be finite, got {vals}")
+            if any(a <= b for a, b in zip(vals, vals[1:])):
+                raise ValueError(f"spacing {self.name!r}: values must be strictly decreasing, got {vals}")
+            if min(vals) < 0:
+                raise ValueError(f"spacing {self.name!r}: values must be >= 0, got {vals}")
+            object.__setattr__(self, "values", vals)
+        if not (self.rho > 0 and math.isfinite(self.rho)):
+            raise ValueError(f"karras rho must be a positive number, got {self.rho}")
+        if self.ays not in AYS_TABLES:
+            raise ValueError(f"unknown AYS table {self.ays!r}; valid: {', '.join(AYS_TABLES)}")
+        if self.steps_offset < 0:
+            raise ValueError(f"steps_offset must be >= 0, got {self.steps_offset}")
+
+
+def as_spacing(spacing: "str | Spacing | Sequence[float]", spec: ModelSpec) -> Spacing:
+    """Normalize ``spacing`` (a name, a Spacing, or an explicit decreasing list of timesteps) for ``spec``."""
+    if isinstance(spacing, Spacing):
+        sp = spacing
+    elif isinstance(spacing, str):
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {spacing!r}; valid spacings: {', '.join(SPACINGS)}")
+        if spacing in ("timesteps", "sigmas"):
+            raise ValueError(f"spacing {spacing!r} needs values: pass Spacing({spacing!r}, values=[...])")
+        sp = Spacing(spacing)
+    elif isinstance(spacing, (list, tuple, np.ndarray)):
+        sp = Spacing("timesteps", values=tuple(spacing))
+    else:
+        raise TypeError(f"spacing must be a name, a Spacing or a list of timesteps, got {type(spacing).__name__}")
+    kind = spec.schedule.kind
+    if sp.name not in _VALID[kind]:
+        raise ValueError(
+            f"spacing {sp.name!r} makes no sense for a {type(spec.schedule).__name__} schedule; "
+            f"valid here: {', '.join(_VALID[kind])}"
+        )
+    return sp
+
+
+@dataclass(frozen=True)
+class Grid:
+    """``points[0..n]``: the sampler steps from ``points[i]`` to ``points[i + 1]``; ``points[n]`` is the end."""
+
+    points: tuple[Point, ...]
+    meta: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def n(self) -> int:
+        return len(self.points) - 1
+
+    @property
+    def sigmas_tilde(self) -> np.ndarray:
+        return np.array([p.sigma_tilde for p in self.points])
+
+    @property
+    def model_times(self) -> np.ndarray:
+        return np.array([p.model_time for p in self.points])
+
+
+# -- sigma-space spacings (shared by every family) ---------------------------------------------------------
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. 5: ``n`` sigmas from sigma_max to sigma_min, uniform in ``sigma^(1/rho)``."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """``n`` sigmas uniform in log-sigma."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, a: float = 0.6, b: float = 0.6) -> np.ndarray:
+    """Lee et al. 2024 ("Beta sampling is all you need"): sigmas at the quantiles of a Beta(a, b)."""
+    try:
+        from scipy.special import betaincinv
+    except ImportError as e:  # pragma: no cover - scipy is a dependency
+        raise ImportError("the 'beta' spacing needs scipy (pip install scipy)") from e
+    q = 1 - np.linspace(0, 1, n)
+    return np.array([sigma_min + betaincinv(a, b, t) * (sigma_max - sigma_min) for t in q])
+
+
+def loglinear_interp(values: Sequence[float], n: int) -> np.ndarray:
+    """Resample a decreasing positive schedule to ``n`` values, linearly in log space (AYS paper, App. C)."""
+    xs = np.linspace(0, 1, len(values))
+    ys = np.log(np.asarray(values, dtype=np.float64)[::-1])
+    new = np.interp(np.linspace(0, 1, n), xs, ys)
+    return np.exp(new)[::-1].copy()
+
+
+def ays_sigmas(table: str, n: int) -> np.ndarray:
+    """Align-Your-Steps sigmas for ``n`` steps (``n + 1`` values ending in 0)."""
+    t = AYS_TABLES[table]
+    body = np.array(t[:-1]) if n == len(t) - 1 else loglinear_interp(t[:-1], n)
+    return np.concatenate([body, [0.0]])
+
+
+def _sigma_spacing(sp: Spacing, smin: float, smax: float, n: int) -> np.ndarray:
+    if sp.name == "karras":
+        return karras_sigmas(smin, smax, n, sp.rho)
+    if sp.name == "exponential":
+        return exponential_sigmas(smin, smax, n)
+    if sp.name == "beta":
+        return beta_sigmas(smin, smax, n, sp.beta_a, sp.beta_b)
+    raise AssertionError(sp.name)
+
+
+# -- grids ------------------------------------------------------------------------------------------------
+def make_grid(spec: ModelSpec, spacing: Spacing, n: int, *, family: str = "multistep",
+              final: str = "zero") -> Grid:
+    """Build a grid of ``n`` steps (``n + 1`` points) for ``spec``.
+
+    family: "multistep" or "euler" (see the module docstring); final: "zero" (end at sigma = 0) or
+    "sigma_min" (end at the schedule's smallest sigma).
+    """
+    if n < 1:
+        raise ValueError(f"a grid needs at least one step, got n={n}")
+    if final not in ("zero", "sigma_min"):
+        raise ValueError(f"final must be 'zero' or 'sigma_min', got {final!r}")
+    if family not in ("multistep", "euler"):
+        raise ValueError(f"unknown grid family {family!r}")
+    sched = spec.schedule
+    if isinstance(sched, DiscreteVP):
+        return _vp_grid(spec, sched, spacing, n, family, final)
+    if isinstance(sched, EDM):
+        return _edm_grid(sched, spacing, n, final)
+    return _flow_grid(sched, spacing, n, final)
+
+
+def _vp_timesteps(sched: DiscreteVP, sp: Spacing, n: int, family: str) -> np.ndarray:
+    T = sched.num_train_timesteps
+    if family == "multistep":
+        if sp.name == "linspace":
+            return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64).astype(np.float64)
+        if sp.name == "leading":
+            ratio = T // (n + 1)
+            return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + float(sp.steps_offset)
+        ratio = T / n
+        return np.arange(T, 0, -ratio).round().astype(np.int64) - 1.0
+    if sp.name == "linspace":
+        return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].astype(np.float64)
+    if sp.name == "leading":
+        ratio = T // n
+        return (np.arange(0, n) * ratio).round()[::-1].astype(np.float32) + float(sp.steps_offset)
+    ratio = T / n
+    return np.arange(T, 0, -ratio).round().astype(np.float32) - 1.0
+
+
+def _vp_grid(spec, sched: DiscreteVP, sp: Spacing, n: int, family: str, final: str) -> Grid:
+    table = sched.sigmas_tilde
+    sigma_last = 0.0 if final == "zero" else float(table[0])
+    if sp.name in _TIMESTEP_SPACINGS:
+        ts = _vp_timesteps(sched, sp, n, family)
+        if ts.max() > sched.num_train_timesteps - 1 or ts.min() < 0:
+            raise ValueError(
+                f"{sp.name} spacing with steps_offset={sp.steps_offset} gives timesteps {ts.tolist()} outside "
+                f"[0, {sched.num_train_timesteps - 1}]"
+            )
+        sig = np.interp(ts, np.arange(len(table)), table)
+    elif sp.name == "timesteps":
+        ts = np.array(sp.values, dtype=np.float64)
+        if ts.max() > sched.num_train_timesteps - 1:
+            raise ValueError(f"timesteps must lie in [0, {sched.num_train_timesteps - 1}], got {ts.tolist()}")
+        if len(ts) != n:
+            raise ValueError(f"{len(ts)} explicit timesteps given for {n} steps")
+        sig = np.interp(ts, np.arange(len(table)), table)
+    else:
+        if sp.name == "sigmas":
+            vals = np.array(sp.values, dtype=np.float64)
+            if len(vals) != n + 1:
+                raise ValueError(f"{len(vals)} explicit sigmas given; {n} steps need {n + 1} (the last is the end)")
+            sig, sigma_last = vals[:-1], float(vals[-1])
+        elif sp.name == "ays":
+            vals = ays_sigmas(sp.ays, n)
+            sig = vals[:-1]
+        elif family == "multistep":
+            sig = _sigma_spacing(sp, float(table[0]), float(table[-1]), n)
+        else:  # euler family: the range comes from the linspace-interpolated sigmas (diffusers' behaviour)
+            ts0 = _vp_timesteps(sched, Spacing("linspace"), n, "euler")
+            base = np.interp(ts0, np.arange(len(table)), table)
+            sig = _sigma_spacing(sp, float(base[-1]), float(base[0]), n)
+        ts = np.array([sched.timestep_of_sigma(s) for s in sig])
+        if family == "multistep" and sched.beta_schedule != "squaredcos_cap_v2":
+            ts = ts.round()
+    sig32 = np.concatenate([sig, [sigma_last]]).astype(np.float32).astype(np.float64)
+    times = list(ts) + [0.0]
+    pts = tuple(sched.point_at_sigma(float(s), float(t)) for s, t in zip(sig32, times))
+    return Grid(pts, {"spacing": sp.name, "family": family})
+
+
+def _edm_grid(sched: EDM, sp: Spacing, n: int, final: str) -> Grid:
+    if sp.name == "sigmas":
+        vals = np.array(sp.values, dtype=np.float64)
+        if len(vals) != n + 1:
+            raise ValueError(f"{len(vals)} explicit sigmas given; {n} steps need {n + 1} (the last is the end)")
+    elif sp.name == "ays":
+        vals = ays_sigmas(sp.ays, n)
+    else:
+        vals = np.concatenate([_sigma_spacing(sp, sched.sigma_min, sched.sigma_max, n), [0.0]])
+    if final == "sigma_min" and vals[-1] == 0.0:
+        vals[-1] = sched.sigma_min
+    return Grid(tuple(sched.point_at_sigma(float(s)) for s in vals), {"spacing": sp.name})
+
+
+def _flow_grid(sched: Flow, sp: Spacing, n: int, final: str) -> Grid:
+    T = sched.num_train_timesteps
+    if sp.name in ("flow", "linspace"):
+        # diffusers FlowMatchEulerDiscrete: timesteps linspace(1, 1/T) * T, shifted
+        raw = np.linspace(1.0, 1.0 / T, n)
+        ts = np.array([sched.shift_t(float(t)) for t in raw])
+    elif sp.name == "timesteps":
+        vals = np.array(sp.values) / T
+        if len(vals) != n:
+            raise ValueError(f"{len(vals)} explicit timesteps given for {n} steps")
+        ts = vals
+    elif sp.name == "sigmas":
+        vals = np.array(sp.values, dtype=np.float64)
+        if len(vals) != n + 1:
+            raise ValueError(f"{len(vals)} explicit sigmas given; {n} steps need {n + 1} (the last is the end)")
+        return Grid(tuple(sched.point_at_t(float(t)) for t in vals), {"spacing": sp.name})
+    else:
+        raw = np.linspace(1.0, 1.0 / T, n)
+        shifted = np.array([sched.shift_t(float(t)) for t in raw])
+        smin, smax = float(shifted[-1]), float(shifted[0])
+        ts = _sigma_spacing(sp, smin, smax, n)
+    if np.any(ts > 1) or np.any(ts <= 0):
+        raise ValueError(f"flow times must lie in (0, 1], got {ts.tolist()}")
+    last = 0.0 if final == "zero" else 1.0 / T
+    vals = np.concatenate([ts, [last]]).astype(np.float32).astype(np.float64)
+    return Grid(tuple(sched.point_at_t(float(t)) for t in vals), {"spacing": sp.name})

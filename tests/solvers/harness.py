@@ -1,0 +1,59 @@
+"""Shared test machinery for solver parity: a smooth toy network and diffusers' own sampling loop."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+T_SCALE = 1000.0
+
+
+def toy_model(x: torch.Tensor, t) -> torch.Tensor:
+    """A smooth, nonlinear, time-dependent stand-in network (float64 in, same dtype out).
+
+    Mixes neighbouring elements so a solver that mixes up registers or batch halves cannot pass by accident.
+    """
+    t = float(t)
+    s = t / T_SCALE
+    mix = torch.roll(x, shifts=1, dims=-1)
+    return 0.7 * torch.tanh(x * (0.5 + s)) + 0.2 * math.cos(3 * s) * mix + 0.1 * s * x
+
+
+def guided_toy_model(x: torch.Tensor, t) -> torch.Tensor:
+    """With guidance the batch is [uncond; cond]: make the halves differ."""
+    out = toy_model(x, t)
+    half = x.shape[0] // 2
+    out[half:] = out[half:] + 0.3 * torch.sin(x[half:])
+    return out
+
+
+def diffusers_sample(scheduler, model_fn, noise: torch.Tensor, nfe_steps: int, *, guidance_scale=None,
+                     step_noise=None, set_timesteps_kwargs=None) -> tuple[torch.Tensor, list[float]]:
+    """diffusers' own loop (as in its pipelines): scale_model_input, model, guidance, step.
+
+    Returns the sample and the list of time inputs the model saw.  ``step_noise`` (list) is fed to the
+    scheduler as its per-step noise via a generator-free hook where the scheduler supports it.
+    """
+    scheduler.set_timesteps(nfe_steps, **(set_timesteps_kwargs or {}))
+    x = noise.double() * scheduler.init_noise_sigma
+    times = []
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(x, t)
+        if guidance_scale is not None:
+            out = model_fn(torch.cat([inp, inp]), float(t))
+            u, c = out.chunk(2)
+            out = u + guidance_scale * (c - u)
+        else:
+            out = model_fn(inp, float(t))
+        times.append(float(t))
+        kwargs = {}
+        if step_noise is not None:
+            kwargs["variance_noise"] = step_noise[len(times) - 1]
+        x = scheduler.step(out, t, x, **kwargs).prev_sample
+    return x, times
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert torch.isfinite(a).all() and torch.isfinite(b).all(), "NaN/Inf in a sample"
+    return float((a.double() - b.double()).norm() / b.double().norm())

@@ -3,10 +3,10 @@
 from . import schedules
 from .program import Lin, ProgramBuilder, Stage, StepProgram
 from .reference import run_reference
-from .registry import BuildContext, CommonOptions, available, build, get, register
+from .registry import BuildContext, CommonOptions, available, build, get, register, to_diffusers
 from .spacing import SPACINGS, Grid, Spacing, make_grid
 from .spec import ModelSpec
 
 __all__ = ["schedules", "Lin", "ProgramBuilder", "Stage", "StepProgram", "run_reference", "BuildContext",
-           "CommonOptions", "available", "build", "get", "register", "SPACINGS", "Grid", "Spacing", "make_grid",
+           "CommonOptions", "to_diffusers", "available", "build", "get", "register", "SPACINGS", "Grid", "Spacing", "make_grid",
            "ModelSpec"]

@@ -11,7 +11,8 @@ from .program import ProgramBuilder, StepProgram
 from .spacing import Grid, Spacing, as_spacing, make_grid
 from .spec import ModelSpec
 
-__all__ = ["register", "available", "build", "BuildContext", "CommonOptions", "get"]
+__all__ = ["register", "available", "build", "BuildContext", "CommonOptions", "get", "to_diffusers",
+           "diffusers_base_config"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,12 @@ class SolverInfo:
     options: type
     default_spacing: Callable[[ModelSpec], str]
     stochastic: bool
-    deterministic_nfe: Callable[[int], bool] | None = None
+    nominal_order: Callable[[Any], int | None]
+    diffusers: Callable[[Any, Spacing], tuple[str, dict]] | None
+
+    def is_stochastic(self, opts: Any) -> bool:
+        s = self.stochastic
+        return bool(s(opts)) if callable(s) else bool(s)
 
     @property
     def doc(self) -> str:
@@ -77,14 +83,24 @@ def _default_spacing(spec: ModelSpec) -> str:
     return "linspace"
 
 
-def register(name: str, options: type = CommonOptions, *, stochastic: bool = False,
+def register(name: str, options: type = CommonOptions, *, stochastic: "bool | Callable[[Any], bool]" = False,
+             order: "int | Callable[[Any], int | None] | None" = None,
+             diffusers: Callable[[Any, Spacing], tuple[str, dict]] | None = None,
              default_spacing: Callable[[ModelSpec], str] = _default_spacing):
-    """Decorator: ``@register("dpmpp_2m", DPMOptions)`` on ``fn(ctx: BuildContext, opts) -> StepProgram``."""
+    """Decorator: ``@register("dpmpp_2m", DPMOptions, order=lambda o: o.order)`` on
+    ``fn(ctx: BuildContext, opts) -> StepProgram``.
+
+    stochastic: whether the sampler draws noise (a bool, or a function of the options, e.g. DDIM's eta > 0).
+    order: the nominal convergence order on the probability-flow ODE (int or function of the options; None for
+    samplers that are not ODE solvers).  diffusers: ``fn(opts, spacing) -> (SchedulerClassName, config
+    overrides)`` naming the equivalent diffusers scheduler, used by parity tests and ``fewstep accuracy``.
+    """
 
     def deco(fn):
         if name in _REGISTRY:
             raise RuntimeError(f"solver {name!r} registered twice")
-        _REGISTRY[name] = SolverInfo(name, fn, options, default_spacing, stochastic)
+        order_fn = order if callable(order) else (lambda o, _k=order: _k)
+        _REGISTRY[name] = SolverInfo(name, fn, options, default_spacing, stochastic, order_fn, diffusers)
         return fn
 
     return deco
@@ -157,6 +173,52 @@ def build(name: str, spec: ModelSpec, nfe: int, spacing: "str | Spacing | Sequen
     if prog.nfe != nfe:
         raise AssertionError(f"{name} built {prog.nfe} network calls for nfe={nfe}")
     return prog
+
+
+def diffusers_base_config(spec: ModelSpec, spacing: Spacing) -> dict:
+    """The diffusers scheduler config keys that describe ``spec`` and ``spacing`` (schedule, prediction, grid)."""
+    from .schedules import DiscreteVP, Flow
+
+    sched = spec.schedule
+    cfg: dict = {}
+    if isinstance(sched, DiscreteVP):
+        cfg.update(num_train_timesteps=sched.num_train_timesteps, beta_start=sched.beta_start,
+                   beta_end=sched.beta_end, beta_schedule=sched.beta_schedule,
+                   rescale_betas_zero_snr=sched.rescale_zero_terminal_snr, prediction_type=spec.prediction)
+        if sched.trained_betas is not None:
+            cfg["trained_betas"] = list(sched.trained_betas)
+    elif isinstance(sched, Flow):
+        cfg.update(num_train_timesteps=sched.num_train_timesteps, shift=sched.shift)
+    else:
+        cfg.update(sigma_min=sched.sigma_min, sigma_max=sched.sigma_max, sigma_data=sched.sigma_data,
+                   prediction_type=spec.prediction)
+    if spacing.name in ("linspace", "leading", "trailing"):
+        cfg.update(timestep_spacing=spacing.name, steps_offset=spacing.steps_offset)
+    elif spacing.name in ("karras", "exponential", "beta"):
+        cfg[f"use_{spacing.name}_sigmas"] = True
+    return cfg
+
+
+def to_diffusers(name: str, spec: ModelSpec, spacing: "str | Spacing | None" = None, **options: Any):
+    """Instantiate the diffusers scheduler equivalent to ``build(name, spec, nfe, spacing, **options)``.
+
+    Needs diffusers (a test dependency).  Raises ValueError where diffusers has no equivalent.
+    """
+    import inspect
+
+    import diffusers
+
+    info = get(name)
+    if info.diffusers is None:
+        raise ValueError(f"solver {name!r} has no diffusers equivalent")
+    sp = as_spacing(spacing if spacing is not None else info.default_spacing(spec), spec)
+    opts = info.options(**options)
+    cls_name, overrides = info.diffusers(opts, sp)
+    cls = getattr(diffusers, cls_name)
+    cfg = diffusers_base_config(spec, sp)
+    cfg.update(overrides)
+    params = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in cfg.items() if k in params})
 
 
 _LOADED = False

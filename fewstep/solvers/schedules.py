@@ -15,7 +15,7 @@ value handed to the network (``model_time``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -87,7 +87,20 @@ class DiscreteVP:
 
     @cached_property
     def alphas_cumprod(self) -> np.ndarray:
-        """``alpha_bar_t`` for t = 0 .. T-1, computed in float32 as diffusers does, returned as float64."""
+        """``alpha_bar_t`` for t = 0 .. T-1, computed in float32 as diffusers does, returned as float64.
+
+        With ``rescale_zero_terminal_snr`` the last entry is 2**-24 rather than 0, as in diffusers' sigma-space
+        schedulers (DPM-Solver, UniPC, Euler), so sigma stays finite; :attr:`alphas_cumprod_exact` keeps the 0
+        that alpha-space schedulers (DDIM, LCM, TCD) use.
+        """
+        ac = self.alphas_cumprod_exact.copy()
+        if self.rescale_zero_terminal_snr:
+            ac[-1] = 2.0**-24
+        return ac
+
+    @cached_property
+    def alphas_cumprod_exact(self) -> np.ndarray:
+        """``alpha_bar_t`` without the zero-terminal-SNR guard (the last entry is exactly 0 when rescaled)."""
         import torch
 
         n = self.num_train_timesteps
@@ -101,10 +114,7 @@ class DiscreteVP:
             betas = torch.tensor(_betas_for_alpha_bar(n), dtype=torch.float32)
         if self.rescale_zero_terminal_snr:
             betas = _rescale_zero_terminal_snr(betas)
-        ac = torch.cumprod(1.0 - betas, dim=0)
-        if self.rescale_zero_terminal_snr:
-            ac[-1] = 2**-24  # diffusers' guard against an infinite terminal sigma
-        return ac.double().numpy()
+        return torch.cumprod(1.0 - betas, dim=0).double().numpy()
 
     @cached_property
     def sigmas_tilde(self) -> np.ndarray:

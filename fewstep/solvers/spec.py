@@ -93,7 +93,11 @@ class ModelSpec:
     # -- construction -----------------------------------------------------------------------------------
     @classmethod
     def from_diffusers_scheduler_config(cls, cfg: Mapping[str, Any]) -> "ModelSpec":
-        """Read schedule and prediction type from any diffusers scheduler config (dict or FrozenDict)."""
+        """Read schedule and prediction type from any diffusers scheduler config (dict or FrozenDict; a
+        scheduler object is accepted too).  In-memory configs carry no ``_class_name``, so the family is read
+        from the keys: ``shift`` without betas is a flow-matching schedule, ``sigma_data`` an EDM one."""
+        if hasattr(cfg, "config") and isinstance(getattr(cfg, "config"), Mapping):
+            cfg = dict(cfg.config, _class_name=type(cfg).__name__)
         if not isinstance(cfg, Mapping):
             raise TypeError(f"expected a diffusers scheduler config (a mapping), got {type(cfg).__name__}")
         cfg = dict(cfg)
@@ -101,13 +105,13 @@ class ModelSpec:
         pred = cfg.get("prediction_type", "epsilon")
         pred = {"flow_prediction": "flow", "v-prediction": "v_prediction"}.get(pred, pred)
         n_train = int(cfg.get("num_train_timesteps", 1000))
-        if "FlowMatch" in name or (pred == "flow" and "beta_start" not in cfg):
+        if "FlowMatch" in name or ("beta_start" not in cfg and ("shift" in cfg or pred == "flow")):
             mu = None
             shift = float(cfg.get("shift", cfg.get("flow_shift", 1.0)))
             return cls(Flow(shift=shift, mu=mu, num_train_timesteps=n_train), "flow", "t", cfg)
         if pred == "flow":  # DPM-Solver / UniPC with use_flow_sigmas
             return cls(Flow(shift=float(cfg.get("flow_shift", 1.0)), num_train_timesteps=n_train), "flow", "t", cfg)
-        if name.startswith("EDM") or "sigma_data" in cfg:
+        if name.startswith("EDM") or ("sigma_data" in cfg and "beta_start" not in cfg):
             sched = EDM(
                 sigma_min=float(cfg.get("sigma_min", 0.002)),
                 sigma_max=float(cfg.get("sigma_max", 80.0)),

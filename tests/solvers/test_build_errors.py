@@ -1,0 +1,88 @@
+"""Bad input is rejected when the program is built, with messages naming what was expected."""
+
+import math
+
+import pytest
+
+import fewstep as fs
+
+VP = fs.ModelSpec(fs.schedules.DiscreteVP())
+FLOW = fs.ModelSpec(fs.schedules.Flow(shift=3.0), "flow")
+EDM = fs.ModelSpec(fs.schedules.EDM(), "sample")
+
+
+def test_unknown_solver_lists_valid_choices():
+    with pytest.raises(ValueError, match="valid solvers: .*euler"):
+        fs.solvers.build("eulr", VP, 4)
+
+
+def test_unknown_spacing_lists_valid_choices():
+    with pytest.raises(ValueError, match="valid spacings: .*karras"):
+        fs.solvers.build("euler", VP, 4, spacing="karas")
+
+
+@pytest.mark.parametrize("nfe", [0, -3])
+def test_nfe_must_be_positive(nfe):
+    with pytest.raises(ValueError, match="nfe must be >= 1"):
+        fs.solvers.build("euler", VP, nfe)
+
+
+def test_nfe_must_be_int():
+    with pytest.raises(TypeError, match="nfe must be an int"):
+        fs.solvers.build("euler", VP, 4.0)
+
+
+@pytest.mark.parametrize("g", [-1.0, math.nan, math.inf])
+def test_bad_guidance_scale(g):
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
+        fs.solvers.build("euler", VP, 4, guidance_scale=g)
+
+
+def test_unknown_option_lists_valid_options():
+    with pytest.raises(ValueError, match="unknown option.*valid options"):
+        fs.solvers.build("euler", VP, 4, ordr=2)
+
+
+@pytest.mark.parametrize("spec,spacing", [(FLOW, "leading"), (EDM, "linspace"), (EDM, "trailing")])
+def test_spacing_that_makes_no_sense_for_the_schedule(spec, spacing):
+    with pytest.raises(ValueError, match="makes no sense"):
+        fs.solvers.build("euler", spec, 4, spacing=spacing)
+
+
+def test_explicit_timesteps_validated():
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        fs.solvers.build("euler", VP, 3, spacing=[10, 500, 999])
+    with pytest.raises(ValueError, match="3 explicit timesteps given for 4 steps"):
+        fs.solvers.build("euler", VP, 4, spacing=[999, 500, 10])
+
+
+def test_leading_offset_out_of_range():
+    with pytest.raises(ValueError, match="outside"):
+        fs.solvers.build("euler", VP, 4, spacing=fs.solvers.Spacing("leading", steps_offset=400))
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        fs.ModelSpec(fs.schedules.DiscreteVP(), "eps")
+    with pytest.raises(ValueError, match="does not fit"):
+        fs.ModelSpec(fs.schedules.DiscreteVP(), "flow")
+    with pytest.raises(ValueError, match="time_input"):
+        fs.ModelSpec(fs.schedules.Flow(), "flow", time_input="discrete")
+    with pytest.raises(ValueError, match="beta_schedule"):
+        fs.schedules.DiscreteVP(beta_schedule="cosine")
+    with pytest.raises(TypeError, match="DiscreteVP, EDM or Flow"):
+        fs.ModelSpec("vp")
+
+
+def test_every_registered_solver_builds_and_is_finite():
+    for name in fs.solvers.available():
+        spec = FLOW if name.startswith("flow_") else VP
+        nfe = 5
+        try:
+            prog = fs.solvers.build(name, spec, nfe)
+        except ValueError as e:
+            assert "nfe" in str(e).lower(), f"{name}: unexpected build error {e}"
+            continue
+        assert prog.nfe == nfe
+        for st in prog.stages:
+            assert all(math.isfinite(c) for c in st.matrix.ravel()), name

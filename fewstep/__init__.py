@@ -4,4 +4,20 @@ from . import solvers
 from .solvers import ModelSpec, schedules
 
 __version__ = "0.1.0"
-__all__ = ["solvers", "schedules", "ModelSpec", "__version__"]
+__all__ = ["solvers", "schedules", "ModelSpec", "__version__", "compile", "Engine", "Plan", "load", "models"]
+
+_ENGINE = ("compile", "Engine", "Plan", "load")
+
+
+def __getattr__(name):
+    # The engine imports triton and the models import diffusers; load them on first use so `import fewstep`
+    # stays light (and TRITON_INTERPRET may still be set after `import fewstep`).
+    if name in _ENGINE:
+        from . import engine
+
+        return getattr(engine, name)
+    if name == "models":
+        import importlib
+
+        return importlib.import_module(".models", __name__)
+    raise AttributeError(f"module 'fewstep' has no attribute {name!r}")

@@ -8,7 +8,7 @@ from .program import Lin
 from .schedules import Point
 from .spec import ModelSpec
 
-__all__ = ["first_order", "init_scale", "expm1_neg"]
+__all__ = ["first_order", "init_scale", "expm1_neg", "heun_step", "multistep_order"]
 
 
 def first_order(x: Lin, x0: Lin, p: Point, q: Point) -> Lin:
@@ -38,3 +38,30 @@ def init_scale(spec: ModelSpec, first: Point, spacing: str, family: str = "multi
     if kind == "vp" and family == "euler" and spacing != "leading":
         return first.sigma
     return 1.0
+
+
+def heun_step(x: Lin, x_pred: Lin, x0_pred: Lin, p: Point, q: Point, *, flow: bool = False) -> Lin:
+    """Heun's corrector (Karras et al. 2022, Alg. 1 l. 10) from ``p`` to ``q``: ``y + h/2 (d_p + d_q)``.
+
+    ``x_pred`` is the Euler prediction at ``q`` (so ``y + h d_p = y_pred``), ``x0_pred`` the network's x0
+    there.
+    The ODE is in k-diffusion variables (``y = x / alpha``, ``s = sigma / alpha``), or with ``flow=True`` in
+    flow-matching ones (``y = x``, ``s = t``; FlowMatchHeun); the slope is ``d = (y - x0) / s`` in both.
+    """
+    (cp, sp), (cq, sq) = ((1.0, p.sigma), (1.0, q.sigma)) if flow else \
+        ((p.alpha, p.sigma_tilde), (q.alpha, q.sigma_tilde))
+    y, y_pred = x / cp, x_pred / cq
+    d_q = (y_pred - x0_pred) / sq
+    return cq * (0.5 * (y + y_pred) + 0.5 * (sq - sp) * d_q)
+
+
+def multistep_order(order: int, i: int, n: int, *, lower_final: bool, euler_at_final: bool = False) -> int:
+    """Order of step ``i`` of ``n`` for a multistep solver of nominal ``order``: warm-up (only ``i + 1``
+    outputs exist yet), ``lower_final`` (at most ``n - i`` on the last steps; diffusers' lower_order_final,
+    whose ``n < 15`` condition, where a scheduler has one, is the caller's) and ``euler_at_final``."""
+    k = min(order, i + 1)
+    if lower_final:
+        k = min(k, n - i)
+    if euler_at_final and i == n - 1:
+        k = 1
+    return k

@@ -1,0 +1,311 @@
+import math
+
+import pytest
+import torch
+
+import fewstep as fs
+from fewstep.solvers.reference import count_calls
+from fewstep.solvers.schedules import EDM, DiscreteVP, Flow
+
+from .harness import diffusers_sample, guided_toy_model, rel_err, toy_model
+
+diffusers = pytest.importorskip("diffusers")
+import diffusers.schedulers.scheduling_consistency_models as cm_module  # noqa: E402
+import diffusers.schedulers.scheduling_flow_match_euler_discrete as fm_module  # noqa: E402
+import diffusers.schedulers.scheduling_lcm as lcm_module  # noqa: E402
+import diffusers.schedulers.scheduling_tcd as tcd_module  # noqa: E402
+
+SHAPE = (2, 3, 4, 5)
+VP = DiscreteVP(beta_schedule="scaled_linear")
+
+
+def _randn(seed):
+    return torch.randn(*SHAPE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def feed_noise(monkeypatch, module, zs):
+    """Make `module`'s randn_tensor hand out `zs` in order (diffusers' own per-step draws, made explicit)."""
+    it = iter(zs)
+    monkeypatch.setattr(module, "randn_tensor",
+                        lambda shape, **kw: next(it).to(kw.get("dtype") or torch.float64))
+
+
+def pipeline_loop(sch, model, noise, steps, guidance=None, set_kw=None, step_kw=None):
+    """A diffusers pipeline's loop: scale_model_input, model (CFG), step; returns sample and time inputs."""
+    sch.set_timesteps(steps, **(set_kw or {}))
+    x, times = noise * sch.init_noise_sigma, []
+    for t in sch.timesteps:
+        inp = sch.scale_model_input(x, t)
+        if guidance is None:
+            out = model(inp, float(t))
+        else:
+            u, c = model(torch.cat([inp, inp]), float(t)).chunk(2)
+            out = u + guidance * (c - u)
+        times.append(float(t))
+        x = sch.step(out, t, x, **(step_kw or {})).prev_sample
+    return x, times
+
+
+def _run_ours(prog, model, noise, zs):
+    fn, seen = count_calls(model)
+    return fs.solvers.run_reference(prog, fn, noise, step_noise=zs), seen
+
+
+# -- LCM ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("nfe", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("guidance", [None, 3.0])
+def test_lcm_matches_diffusers(monkeypatch, pred, nfe, guidance):
+    spec = fs.ModelSpec(VP, pred)
+    prog = fs.solvers.build("lcm", spec, nfe, guidance_scale=guidance)
+    sch = fs.solvers.to_diffusers("lcm", spec)
+    assert type(sch).__name__ == "LCMScheduler"
+    noise, zs = _randn(0), [_randn(100 + i) for i in range(nfe)]
+    model = toy_model if guidance is None else guided_toy_model
+    feed_noise(monkeypatch, lcm_module, zs)
+    ref, times = pipeline_loop(sch, model, noise, nfe, guidance)
+    ours, seen = _run_ours(prog, model, noise, zs)
+    assert len(seen) == prog.nfe == nfe == len(times)
+    assert seen == times  # integer timesteps, exactly
+    assert prog.stochastic == (nfe > 1)
+    assert rel_err(ours, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("orig,scaling,nfe", [(25, 10.0, 4), (50, 0.05, 6), (8, 10.0, 8)])
+def test_lcm_options_match_diffusers(monkeypatch, orig, scaling, nfe):
+    spec = fs.ModelSpec(DiscreteVP(beta_schedule="linear", beta_start=1e-4, beta_end=0.02), "epsilon")
+    opts = dict(original_inference_steps=orig, timestep_scaling=scaling)
+    prog = fs.solvers.build("lcm", spec, nfe, **opts)
+    sch = fs.solvers.to_diffusers("lcm", spec, **opts)
+    noise, zs = _randn(1), [_randn(200 + i) for i in range(nfe)]
+    feed_noise(monkeypatch, lcm_module, zs)
+    ref, times = pipeline_loop(sch, toy_model, noise, nfe)
+    ours, seen = _run_ours(prog, toy_model, noise, zs)
+    assert seen == times
+    assert rel_err(ours, ref) <= 1e-5
+
+
+def test_lcm_explicit_timesteps_match_diffusers(monkeypatch):
+    ts = [999, 759, 499, 19, 0]  # at t = 0 the boundary condition returns the sample itself
+    spec = fs.ModelSpec(VP, "epsilon")
+    prog = fs.solvers.build("lcm", spec, 5, ts)
+    sch = fs.solvers.to_diffusers("lcm", spec)
+    noise, zs = _randn(2), [_randn(300 + i) for i in range(5)]
+    feed_noise(monkeypatch, lcm_module, zs)
+    sch.set_timesteps(timesteps=ts)
+    x, times = noise.clone(), []
+    for t in sch.timesteps:
+        times.append(float(t))
+        x = sch.step(toy_model(x, float(t)), t, x).prev_sample
+    ours, seen = _run_ours(prog, toy_model, noise, zs)
+    assert seen == times == ts
+    assert rel_err(ours, x) <= 1e-5
+
+
+# -- TCD ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("nfe", [1, 2, 4])
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
+def test_tcd_matches_diffusers(monkeypatch, pred, nfe, gamma):
+    guidance = 2.5 if nfe == 4 else None
+    spec = fs.ModelSpec(VP, pred)
+    prog = fs.solvers.build("tcd", spec, nfe, guidance_scale=guidance, gamma=gamma)
+    sch = fs.solvers.to_diffusers("tcd", spec, gamma=gamma)
+    assert type(sch).__name__ == "TCDScheduler"
+    noise, zs = _randn(3), [_randn(400 + i) for i in range(nfe)]
+    model = toy_model if guidance is None else guided_toy_model
+    feed_noise(monkeypatch, tcd_module, zs)
+    ref, times = pipeline_loop(sch, model, noise, nfe, guidance, step_kw={"eta": gamma})
+    ours, seen = _run_ours(prog, model, noise, zs)
+    assert len(seen) == prog.nfe == nfe == len(times)
+    assert seen == times
+    assert prog.stochastic == (gamma > 0 and nfe > 1)
+    assert rel_err(ours, ref) <= 1e-5
+
+
+def test_tcd_float32_floor_of_the_intermediate_timestep(monkeypatch):
+    """s = floor((1 - gamma) t') is taken in float32 by TCDScheduler; gamma=0.3 at t'=90 sits on the edge
+    (float64 gives 62, float32 63)."""
+    spec = fs.ModelSpec(VP, "epsilon")
+    ts = [999, 500, 90]
+    prog = fs.solvers.build("tcd", spec, 3, ts, gamma=0.3)
+    sch = fs.solvers.to_diffusers("tcd", spec)
+    noise, zs = _randn(4), [_randn(500 + i) for i in range(3)]
+    feed_noise(monkeypatch, tcd_module, zs)
+    sch.set_timesteps(timesteps=ts)
+    x = noise.clone()
+    for t in sch.timesteps:
+        x = sch.step(toy_model(x, float(t)), t, x, eta=0.3).prev_sample
+    ours, _ = _run_ours(prog, toy_model, noise, zs)
+    assert rel_err(ours, x) <= 1e-5
+
+
+def test_tcd_final_zero_returns_the_x0_estimate():
+    """final='zero' ends on the clean estimate (diffusers' default, 'sigma_min', re-noises it to t = 0)."""
+    spec = fs.ModelSpec(VP, "sample")
+    target = _randn(5)
+    x = fs.solvers.run_reference(fs.solvers.build("tcd", spec, 3, gamma=0.5, final="zero"),
+                                 lambda x, t: target.clone(), _randn(6))
+    assert rel_err(x, target) <= 1e-12
+    prog = fs.solvers.build("tcd", spec, 3, gamma=0.5)
+    x = fs.solvers.run_reference(prog, lambda x, t: target.clone(), _randn(6))
+    assert rel_err(x, target) > 1e-3
+
+
+# -- cm: consistency models / CTM gamma-sampling ------------------------------------------------------------
+SMIN, SMAX, SDATA = 0.002, 80.0, 0.5
+
+
+def consistency_net(x, c_noise):
+    """A stand-in for a consistency model's raw network F (fed c_in x and c_noise = 250 log sigma)."""
+    return toy_model(x, c_noise)
+
+
+def consistency_denoiser(x, sigma):
+    """The consistency function f(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (Song et al. 2023, App. C),
+    i.e. what a fewstep adapter hands the sampler as an EDM 'sample' prediction."""
+    c_skip = SDATA**2 / ((sigma - SMIN) ** 2 + SDATA**2)
+    c_out = (sigma - SMIN) * SDATA / math.sqrt(sigma**2 + SDATA**2)
+    c_in, c_noise = 1 / math.sqrt(sigma**2 + SDATA**2), 250 * math.log(sigma + 1e-44)
+    return c_skip * x + c_out * consistency_net(c_in * x, c_noise)
+
+
+@pytest.mark.parametrize("train_steps", [40, 18])
+@pytest.mark.parametrize("nfe", [1, 2, 3, 5])
+def test_cm_matches_cm_stochastic_iterative(monkeypatch, train_steps, nfe):
+    spec = fs.ModelSpec(EDM(SMIN, SMAX, SDATA), "sample")
+    opts = dict(train_steps=train_steps, final="sigma_min")
+    prog = fs.solvers.build("cm", spec, nfe, **opts)
+    sch = fs.solvers.to_diffusers("cm", spec, **opts)
+    assert type(sch).__name__ == "CMStochasticIterativeScheduler" and not sch.config.clip_denoised
+    noise, zs = _randn(7), [_randn(600 + i) for i in range(nfe)]
+    feed_noise(monkeypatch, cm_module, zs)
+    ref, times = pipeline_loop(sch, consistency_net, noise, nfe)
+    ours, seen = _run_ours(prog, consistency_denoiser, noise, zs)
+    assert len(seen) == prog.nfe == nfe == len(times)
+    assert [250 * math.log(s) for s in seen] == pytest.approx(times, abs=1e-3)
+    assert rel_err(ours, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("nfe", [1, 2, 4])
+def test_cm_on_flow_matches_flow_match_euler_stochastic(monkeypatch, shift, nfe):
+    """gamma = 1 on a flow schedule is FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)."""
+    spec = fs.ModelSpec(Flow(shift=shift), "flow")
+    prog = fs.solvers.build("cm", spec, nfe)
+    sch = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift, stochastic_sampling=True)
+    noise, zs = _randn(8), [_randn(700 + i) for i in range(nfe)]
+    feed_noise(monkeypatch, fm_module, zs)
+    sch.set_timesteps(nfe)
+    x, times = noise.clone(), []
+    for t in sch.timesteps:
+        times.append(float(t))
+        x = sch.step(toy_model(x.double(), float(t)), t, x).prev_sample
+    ours, seen = _run_ours(prog, toy_model, noise, zs)
+    assert len(seen) == prog.nfe == len(times)
+    assert seen == pytest.approx(times, abs=1e-3)
+    assert rel_err(ours, x) <= 1e-5
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("nfe", [1, 2, 5])
+def test_cm_gamma0_is_ddim(spacing, pred, nfe):
+    """gamma = 0 is the deterministic jump x' = alpha' x0 + sigma' eps: DDIM (eta = 0)."""
+    cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+               prediction_type=pred, timestep_spacing=spacing, steps_offset=1, clip_sample=False)
+    sch = diffusers.DDIMScheduler(**cfg)
+    spec = fs.ModelSpec.from_diffusers_scheduler_config(sch.config)
+    prog = fs.solvers.build("cm", spec, nfe, gamma=0.0)
+    assert not prog.stochastic
+    noise = _randn(9)
+    ref, times = diffusers_sample(sch, toy_model, noise, nfe)
+    ours, seen = _run_ours(prog, toy_model, noise, None)
+    assert seen == times
+    assert rel_err(ours, ref) <= 1e-5
+
+
+def cm_gamma_reference(model, noise, sigmas, gamma, zs, guidance=None):
+    """CTM gamma-sampling on an EDM denoiser, written from its defining formula in plain torch:
+    x' = D + sqrt(1 - gamma^2) sigma' (x - D) / sigma + gamma sigma' z."""
+    x = sigmas[0] * noise
+    for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
+        if guidance is None:
+            d = model(x, s)
+        else:
+            u, c = model(torch.cat([x, x]), s).chunk(2)
+            d = u + guidance * (c - u)
+        x = d + math.sqrt(1 - gamma**2) * s_next * (x - d) / s
+        if s_next > 0:
+            x = x + gamma * s_next * zs[i]
+    return x
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.8, 1.0])
+@pytest.mark.parametrize("nfe", [1, 3, 6])
+@pytest.mark.parametrize("guidance", [None, 2.0])
+def test_cm_gamma_sampling_matches_its_formula(gamma, nfe, guidance):
+    spec = fs.ModelSpec(EDM(), "sample")
+    prog = fs.solvers.build("cm", spec, nfe, "karras", gamma=gamma, guidance_scale=guidance)
+    ramp = torch.linspace(0, 1, nfe, dtype=torch.float64)
+    karras = (SMAX ** (1 / 7) + ramp * (SMIN ** (1 / 7) - SMAX ** (1 / 7))) ** 7
+    sigmas = [float(s) for s in karras.float()] + [0.0]
+    assert [c.point.sigma for c in prog.calls] == pytest.approx(sigmas[:-1], rel=1e-6)
+
+    def denoiser(x, s):  # an EDM x0-predictor
+        return toy_model(x, s) if guidance is None else guided_toy_model(x, s)
+
+    noise, zs = _randn(10), [_randn(800 + i) for i in range(nfe)]
+    ref = cm_gamma_reference(denoiser, noise, sigmas, gamma, zs, guidance)
+    ours, seen = _run_ours(prog, denoiser, noise, zs)
+    assert seen == pytest.approx(sigmas[:-1], rel=1e-6)
+    assert prog.stochastic == (gamma > 0 and nfe > 1)
+    assert rel_err(ours, ref) <= 1e-5
+
+
+def test_cm_gamma_sampling_on_vp_matches_its_formula():
+    """Native VP space: x' = alpha' x0 + sqrt(1 - gamma^2) sigma' eps + gamma sigma' z."""
+    spec = fs.ModelSpec(VP, "epsilon")
+    prog = fs.solvers.build("cm", spec, 4, "trailing", gamma=0.5)
+    pts = [c.point for c in prog.calls] + [fs.schedules.Point(1.0, 0.0, 0.0)]
+    noise, zs = _randn(11), [_randn(900 + i) for i in range(4)]
+    x = noise
+    for i, (p, q) in enumerate(zip(pts[:-1], pts[1:])):
+        eps = toy_model(x, p.model_time)
+        x0 = (x - p.sigma * eps) / p.alpha
+        x = q.alpha * x0 + math.sqrt(1 - 0.25) * q.sigma * eps + 0.5 * q.sigma * zs[i]
+    ours, _ = _run_ours(prog, toy_model, noise, zs)
+    assert rel_err(ours, x) <= 1e-10
+
+
+# -- build-time errors --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,spec,nfe,opts,match", [
+    ("lcm", fs.ModelSpec(EDM()), 2, {}, "DiscreteVP"),
+    ("tcd", fs.ModelSpec(Flow(), "flow"), 2, {}, "DiscreteVP"),
+    ("lcm", fs.ModelSpec(VP), 51, {}, r"valid nfe are 1\.\.50"),
+    ("lcm", fs.ModelSpec(VP), 5, {"original_inference_steps": 4}, r"valid nfe are 1\.\.4"),
+    ("lcm", fs.ModelSpec(VP), 2, {"original_inference_steps": 0}, "positive int"),
+    ("lcm", fs.ModelSpec(VP), 2, {"timestep_scaling": -1.0}, "timestep_scaling"),
+    ("lcm", fs.ModelSpec(VP), 2, {"final": "sigma_min"}, "final must be 'zero'"),
+    ("tcd", fs.ModelSpec(VP), 2, {"gamma": 1.5}, r"gamma must be a number in \[0, 1\]"),
+    ("tcd", fs.ModelSpec(VP), 2, {"gamma": -0.1}, r"gamma must be a number in \[0, 1\]"),
+    ("cm", fs.ModelSpec(VP), 2, {"gamma": 2.0}, r"gamma must be a number in \[0, 1\]"),
+    ("cm", fs.ModelSpec(VP), 2, {"s_noise": -1.0}, "s_noise"),
+    ("cm", fs.ModelSpec(VP), 2, {"train_steps": 40}, "needs an EDM schedule"),
+    ("cm", fs.ModelSpec(EDM()), 41, {"train_steps": 40}, r"valid nfe are 1\.\.40"),
+    ("cm", fs.ModelSpec(EDM()), 2, {"train_steps": 1}, "train_steps must be >= 2"),
+])
+def test_bad_input_is_a_clear_build_error(name, spec, nfe, opts, match):
+    with pytest.raises(ValueError, match=match):
+        fs.solvers.build(name, spec, nfe, **opts)
+
+
+@pytest.mark.parametrize("name", ["lcm", "tcd"])
+def test_lcm_tcd_reject_sigma_spacings(name):
+    with pytest.raises(ValueError, match="picks its own timesteps"):
+        fs.solvers.build(name, fs.ModelSpec(VP), 4, "karras")
+
+
+def test_cm_without_a_diffusers_equivalent_says_so():
+    with pytest.raises(ValueError, match="CMStochasticIterativeScheduler only with"):
+        fs.solvers.to_diffusers("cm", fs.ModelSpec(EDM()), gamma=0.5)

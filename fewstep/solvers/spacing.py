@@ -213,7 +213,9 @@ def _vp_timesteps(sched: DiscreteVP, sp: Spacing, n: int, family: str) -> np.nda
 
 
 def _vp_grid(spec, sched: DiscreteVP, sp: Spacing, n: int, family: str, final: str) -> Grid:
-    table = sched.sigmas_tilde
+    # multistep family: diffusers' float32 sigma table, so even a zero-length last step (karras + sigma_min) is
+    # exactly zero-length, as SDE noise ~ sqrt(h) would show a one-ulp difference
+    table = _f32_sigmas(sched).astype(np.float64) if family == "multistep" else sched.sigmas_tilde
     sigma_last = 0.0 if final == "zero" else float(table[0])
     if sp.name in _TIMESTEP_SPACINGS:
         ts = _vp_timesteps(sched, sp, n, family)
@@ -247,11 +249,36 @@ def _vp_grid(spec, sched: DiscreteVP, sp: Spacing, n: int, family: str, final: s
             sig = _sigma_spacing(sp, float(base[-1]), float(base[0]), n)
         ts = np.array([sched.timestep_of_sigma(s) for s in sig])
         if family == "multistep" and sched.beta_schedule != "squaredcos_cap_v2":
-            ts = ts.round()
+            if sp.name in ("exponential", "beta"):
+                # diffusers' multistep schedulers round karras timesteps, but exponential / beta ones only
+                # meet set_timesteps' int64 cast, which truncates: float32 logs then matter (sigma_max ->
+                # t = 998.9999998 -> 998)
+                ts = np.floor(_f32_sigma_to_t(sched, sig))
+            else:
+                ts = ts.round()
     sig32 = np.concatenate([sig, [sigma_last]]).astype(np.float32).astype(np.float64)
     times = list(ts) + [0.0]
     pts = tuple(sched.point_at_sigma(float(s), float(t)) for s, t in zip(sig32, times))
     return Grid(pts, {"spacing": sp.name, "family": family})
+
+
+def _f32_sigmas(sched: DiscreteVP) -> np.ndarray:
+    """The sigma table as diffusers' multistep set_timesteps holds it: float32 ``((1 - a) / a) ** 0.5``."""
+    import torch
+
+    ac = torch.from_numpy(sched.alphas_cumprod.astype(np.float32))
+    return (((1 - ac) / ac) ** 0.5).numpy()
+
+
+def _f32_sigma_to_t(sched: DiscreteVP, sig: np.ndarray) -> np.ndarray:
+    """diffusers' ``_sigma_to_t`` with its float32 log-sigma table, bit for bit (needed where t is truncated)."""
+    log_sigmas = np.log(_f32_sigmas(sched))
+    log_sigma = np.log(np.maximum(np.asarray(sig, dtype=np.float64), 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    low, high = log_sigmas[low_idx], log_sigmas[low_idx + 1]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return (1 - w) * low_idx + w * (low_idx + 1)
 
 
 def _edm_grid(sched: EDM, sp: Spacing, n: int, final: str) -> Grid:

@@ -182,9 +182,8 @@ def _multistep(ctx: BuildContext, o: DPMOptions, sde: bool):
 
 def _multistep_diffusers(sde: bool):
     def fn(o: DPMOptions, spacing) -> tuple[str, dict]:
-        if spacing.name not in ("linspace", "leading", "trailing", "karras", "exponential", "beta"):
-            raise ValueError(f"no DPMSolverMultistepScheduler equivalent for spacing {spacing.name!r} here "
-                             f"(flow: build the scheduler with use_flow_sigmas=True and flow_shift yourself)")
+        if spacing.name not in ("linspace", "leading", "trailing", "karras", "exponential", "beta", "flow"):
+            raise ValueError(f"no DPMSolverMultistepScheduler equivalent for spacing {spacing.name!r}")
         return "DPMSolverMultistepScheduler", dict(
             solver_order=o.order, algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++",
             solver_type=o.solver_type, lower_order_final=o.lower_order_final, euler_at_final=o.euler_at_final,

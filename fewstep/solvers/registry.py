@@ -216,6 +216,9 @@ def to_diffusers(name: str, spec: ModelSpec, spacing: "str | Spacing | None" = N
     cls_name, overrides = info.diffusers(opts, sp)
     cls = getattr(diffusers, cls_name)
     cfg = diffusers_base_config(spec, sp)
+    if spec.schedule.kind == "flow" and not cls_name.startswith("FlowMatch"):
+        # VP-family schedulers run flow models through their use_flow_sigmas mode
+        cfg.update(use_flow_sigmas=True, flow_shift=spec.schedule.shift, prediction_type="flow_prediction")
     cfg.update(overrides)
     params = inspect.signature(cls.__init__).parameters
     return cls(**{k: v for k, v in cfg.items() if k in params})

@@ -70,6 +70,11 @@ class ModelSpec:
         """``(cx, co)`` with ``x0 = cx * x + co * output`` for a network evaluated at ``x`` on point ``p``."""
         a, s = p.alpha, p.sigma
         if self.prediction == "epsilon":
+            if a == 0:
+                raise ValueError(
+                    "an epsilon-prediction network gives no x0 estimate at alpha = 0 (pure noise, e.g. t = 1 of a "
+                    "flow schedule or a zero-terminal-SNR endpoint); start the grid below it or use a v / flow model"
+                )
             return 1.0 / a, -s / a
         if self.prediction == "sample":
             return 0.0, 1.0
@@ -84,6 +89,8 @@ class ModelSpec:
         if self.prediction == "epsilon":
             return 0.0, 1.0
         if self.prediction == "sample":
+            if s == 0:
+                raise ValueError("a sample-prediction network gives no eps estimate at sigma = 0")
             return 1.0 / s, -a / s
         if self.prediction == "v_prediction":
             n = a * a + s * s

@@ -36,10 +36,10 @@ def diffusers_sample(scheduler, model_fn, noise: torch.Tensor, nfe_steps: int, *
     scheduler as its per-step noise via a generator-free hook where the scheduler supports it.
     """
     scheduler.set_timesteps(nfe_steps, **(set_timesteps_kwargs or {}))
-    x = noise.double() * scheduler.init_noise_sigma
+    x = noise.double() * getattr(scheduler, "init_noise_sigma", 1.0)
     times = []
     for t in scheduler.timesteps:
-        inp = scheduler.scale_model_input(x, t)
+        inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         if guidance_scale is not None:
             out = model_fn(torch.cat([inp, inp]), float(t))
             u, c = out.chunk(2)

@@ -4,7 +4,8 @@ from . import solvers
 from .solvers import ModelSpec, schedules
 
 __version__ = "0.1.0"
-__all__ = ["solvers", "schedules", "ModelSpec", "__version__", "compile", "Engine", "Plan", "load", "models"]
+__all__ = ["solvers", "schedules", "ModelSpec", "__version__", "compile", "Engine", "Plan", "load", "models",
+           "quant", "quantize"]
 
 _ENGINE = ("compile", "Engine", "Plan", "load")
 
@@ -16,8 +17,12 @@ def __getattr__(name):
         from . import engine
 
         return getattr(engine, name)
-    if name == "models":
+    if name in ("models", "quant"):
         import importlib
 
-        return importlib.import_module(".models", __name__)
+        return importlib.import_module(f".{name}", __name__)
+    if name == "quantize":
+        from .quant import quantize
+
+        return quantize
     raise AttributeError(f"module 'fewstep' has no attribute {name!r}")

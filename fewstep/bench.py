@@ -381,9 +381,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also build a compile_network=True plan (minutes); reports its build time")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")
     parser.add_argument("--no-save", action="store_true", help="print only")
+    parser.add_argument("--quant", choices=("fp8",), default=None,
+                        help="benchmark FP8 layers instead (GEMM, fused producer, DiT-XL/2 forward, quality)")
+    parser.add_argument("--fp8-what", default="all",
+                        choices=("all", "gemm", "producer", "forward", "quality"),
+                        help="with --quant fp8: which part (`quality` also runs on the CPU, emulated)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "quant", None) == "fp8":
+        from .quant.bench_fp8 import run_quant
+
+        return run_quant(args)
     dry = args.dry_run
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not dry:

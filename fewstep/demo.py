@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo.png", help="where to write the 10x10 grid (default: demo.png)")
     p.add_argument("--solver", default="unipc", help="solver for the grid (default: unipc)")
     p.add_argument("--nfe", type=int, default=8, help="network calls for the grid (default: 8)")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default: 2.0)")
+    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default: 1.5)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--solvers", default=",".join(DEFAULT_SOLVERS),
                    help=f"comma-separated solvers for the table (default: {','.join(DEFAULT_SOLVERS)})")

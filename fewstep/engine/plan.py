@@ -35,7 +35,8 @@ def compile(model: Model, spec: ModelSpec, *, solver: str, nfe: int, shape: Sequ
             device: torch.device | str | None = None, spacing: Any = None, cuda_graph: bool = True,
             check_finite: bool = False, compile_network: bool | str = False,
             cond: Mapping[str, torch.Tensor] | None = None, kernels: str = "auto", graph_pool: Any = None,
-            record_noise: bool = False, **solver_options: Any) -> "Plan":
+            record_noise: bool = False, quant: str | None = None,
+            quant_options: Mapping[str, Any] | None = None, **solver_options: Any) -> "Plan":
     """Build solver ``solver`` with ``nfe`` calls for ``model`` and bind it to static buffers of ``shape``.
 
     model: ``model(x, t, **cond) -> raw output`` with ``t`` a ``(x.shape[0],)`` float32 tensor on the device;
@@ -47,12 +48,23 @@ def compile(model: Model, spec: ModelSpec, *, solver: str, nfe: int, shape: Sequ
     CPU it warns and runs eager.  kernels: "auto" (Triton on CUDA, references on CPU), "triton" or "torch".
     graph_pool: a CUDA graph memory pool shared with other plans (``fs.Engine`` passes one); plans sharing a
     pool must not be replayed concurrently.  record_noise: keep the noise each stage drew (tests).
+    quant: None, "fp8" (FP8 tensor cores, sm_89+) or "fp8-emulated" (FP8 numerics with PyTorch ops): the
+    model's linear layers are swapped in place (``fs.quantize``) before capture; quant_options: see
+    ``fewstep.engine.quantized.quantize_for_plan`` (static calibration on this plan's timesteps, skip rules).
     solver_options: the solver's options (``fs.solvers.get(solver).options``).
     """
     prog = build(solver, spec, nfe, spacing, guidance_scale=guidance_scale, **solver_options)
-    return Plan(model, prog, shape=shape, dtype=dtype, device=device, cuda_graph=cuda_graph,
-                check_finite=check_finite, compile_network=compile_network, cond=cond, kernels=kernels,
-                graph_pool=graph_pool, record_noise=record_noise)
+    kw = dict(shape=shape, dtype=dtype, device=device, cuda_graph=cuda_graph, check_finite=check_finite,
+              compile_network=compile_network, cond=cond, kernels=kernels, graph_pool=graph_pool,
+              record_noise=record_noise)
+    quant_structure = None
+    if quant is None and quant_options:
+        raise ValueError("quant_options given without quant=; pass quant='fp8' or 'fp8-emulated'")
+    if quant is not None:
+        from .quantized import quantize_for_plan
+
+        quant_structure = quantize_for_plan(model, quant, prog, kw, quant_options)
+    return Plan(model, prog, **kw, quant_structure=quant_structure)
 
 
 class Plan:
@@ -62,7 +74,7 @@ class Plan:
                  cuda_graph: bool = True, check_finite: bool = False, compile_network: bool | str = False,
                  cond: Mapping[str, torch.Tensor] | None = None, kernels: str = "auto",
                  graph_pool: Any = None, record_noise: bool = False,
-                 kernel_config: KernelConfig | None = None):
+                 kernel_config: KernelConfig | None = None, quant_structure: dict | None = None):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, **cond), got {type(model).__name__}")
         if not isinstance(program, StepProgram):
@@ -85,6 +97,7 @@ class Plan:
         self._update = solver_update if kernels == "triton" else solver_update_ref
         self.compile_network = compile_network
         self._net = _maybe_compile(model, compile_network, self.device)
+        self._model, self._quant_structure = model, quant_structure  # FP8 state for save()
 
         g, b = (2 if self.guided else 1), self.shape[0]
         n = math.prod(self.shape)
@@ -197,7 +210,16 @@ class Plan:
             "compile_network": self.compile_network, "kernels": self._requested["kernels"],
             "kernel_config": (self.kernel_config.block, self.kernel_config.num_warps),
             "cond": {k: (tuple(v.shape), str(v.dtype)) for k, v in self._cond.items()},
+            "quant": self.quant_state(),
         }, path)
+
+    def quant_state(self) -> dict | None:
+        """The FP8 weights, scales and launch configs of a ``quant=`` plan (None without quantization)."""
+        if self._quant_structure is None:
+            return None
+        from ..quant import export_state
+
+        return export_state(self._model, self._quant_structure)
 
     # -- internals --------------------------------------------------------------------------------------
     def _run_loop(self, validate: bool = False) -> None:
@@ -270,6 +292,9 @@ class Plan:
 def load(path, model: Model, *, device: torch.device | str | None = None, graph_pool: Any = None) -> Plan:
     """Rebuild a plan saved with :meth:`Plan.save` around ``model`` (no solver build, recorded kernel config).
 
+    A quantized plan quantizes ``model`` (unquantized, same architecture) in place with the saved FP8 weights,
+    scales and launch configs: no calibration and no tuning.
+
     The file is a pickle: load only files you trust.
     """
     data = torch.load(path, map_location="cpu", weights_only=False)
@@ -278,10 +303,16 @@ def load(path, model: Model, *, device: torch.device | str | None = None, graph_
     dtype = getattr(torch, data["dtype"].removeprefix("torch."))
     cond = {k: torch.zeros(s, dtype=getattr(torch, d.removeprefix("torch.")))
             for k, (s, d) in data["cond"].items()}
+    quant = data.get("quant")
+    if quant is not None:
+        from ..quant import restore_state
+
+        restore_state(model, quant)
     return Plan(model, data["program"], shape=data["shape"], dtype=dtype, device=device,
                 cuda_graph=data["cuda_graph"], check_finite=data["check_finite"],
                 compile_network=data["compile_network"], cond=cond, kernels=data["kernels"],
-                graph_pool=graph_pool, kernel_config=KernelConfig(*data["kernel_config"]))
+                graph_pool=graph_pool, kernel_config=KernelConfig(*data["kernel_config"]),
+                quant_structure=quant["structure"] if quant is not None else None)
 
 
 # -- helpers -------------------------------------------------------------------------------------------------

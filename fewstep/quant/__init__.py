@@ -1,1 +1,38 @@
-"""fewstep.quant"""
+"""fewstep.quant: FP8 (E4M3) linear layers built on ``fewstep.kernels``, calibration and per-layer skip rules.
+
+report = fs.quantize(model, "fp8")            # in place; "fp8-emulated" on CPU / GPUs without FP8
+plan = fs.compile(model, spec, ..., quant="fp8", quant_options={"activation_scales": "static"})
+"""
+
+from .calibrate import CALIBRATION_METHODS, COMBINE, Calibrator
+from .dit_block import FP8DiTBlock
+from .fp8_linear import FP8Conv1x1, FP8Linear, quantize_weight
+from .quantize_model import (
+    DEFAULT_SKIP,
+    QUANT_MODES,
+    QuantReport,
+    SkipRule,
+    check_mode,
+    quantize,
+    quantized_layers,
+)
+from .state import export_state, restore_state
+
+__all__ = [
+    "quantize",
+    "QuantReport",
+    "SkipRule",
+    "DEFAULT_SKIP",
+    "QUANT_MODES",
+    "check_mode",
+    "FP8Linear",
+    "FP8Conv1x1",
+    "FP8DiTBlock",
+    "quantize_weight",
+    "Calibrator",
+    "CALIBRATION_METHODS",
+    "COMBINE",
+    "quantized_layers",
+    "export_state",
+    "restore_state",
+]

@@ -1,0 +1,158 @@
+"""Per-token FP8 (E4M3) activation quantization: absmax -> scale -> saturating cast, in one pass.
+
+``q, scale = quantize_fp8(x)`` turns ``x: (M, K)`` into ``q: (M, K) float8_e4m3fn`` and ``scale: (M, 1) fp32``
+with ``x ~= q * scale``: each row (token) is read once, its absmax gives ``scale = absmax / 448`` and the row
+is divided by it and cast with saturation.  With a given per-tensor ``scale`` (static, calibrated) the kernel
+only divides and casts.  The cast rounds to nearest even, as the hardware does (``cvt.rn.satfinite``).
+
+Triton's interpreter (CPU tests) rounds fp32 -> fp8 half-up and drops the carry when the mantissa rounds over
+to the next power of two (126.0 -> 64.0 instead of 128.0; triton 3.9, ``interpreter._convert_float``).  Under
+the interpreter :func:`e4m3` therefore snaps the value onto the E4M3 grid in fp32 first (exact
+round-to-nearest-even), so the cast it then does is exact; compiled kernels cast directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["quantize_fp8", "quantize_fp8_ref", "E4M3_MAX", "MIN_SCALE", "round_e4m3_ref", "interpreting"]
+
+E4M3_MAX = 448.0
+# absmax floor: an all-zero row gets a tiny positive scale (and q = 0) instead of 0/0
+MIN_SCALE = 1e-12
+MAX_ROW = 16384  # a row is held in registers in one tile (DiT-XL/2: 4608, Flux FF: 12288)
+
+try:  # kernels are optional at import time: CPU-only installs run the references
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def e4m3(x, EXACT_ROUND: tl.constexpr):
+        """fp32 -> float8e4nv with saturation to +-448 and round-to-nearest-even."""
+        x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+        if EXACT_ROUND:  # the interpreter's cast is not RNE (module docstring): snap to the grid first
+            bits = x.to(tl.int32, bitcast=True)
+            e = ((bits >> 23) & 0xFF) - 127
+            e = tl.maximum(e, -6) - 3  # E4M3: 3 mantissa bits, smallest normal exponent -6
+            ulp = ((e + 127) << 23).to(tl.float32, bitcast=True)
+            r = x / ulp  # exact (power of two), |r| < 16
+            r = (r + 12582912.0) - 12582912.0  # 1.5 * 2**23: fp32 addition rounds r to the nearest even int
+            x = r * ulp
+        return x.to(tl.float8e4nv)
+
+    @triton.jit
+    def _quantize_rows_kernel(
+        x_ptr,
+        q_ptr,
+        scale_ptr,
+        K,
+        stride_xm,
+        min_scale,
+        STATIC: tl.constexpr,
+        EXACT_ROUND: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_K)
+        mask = offs < K
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+        if STATIC:
+            scale = tl.load(scale_ptr)
+        else:
+            scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, min_scale)
+            tl.store(scale_ptr + row, scale)
+        tl.store(q_ptr + row * K + offs, e4m3(x / scale, EXACT_ROUND), mask=mask)
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run under the interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_quantize_rows_kernel, InterpretedFunction)
+
+
+def _check_x(x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected a 2-d (tokens, features) tensor, got {got}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{name}: expected float32 / float16 / bfloat16, got {x.dtype}")
+    if x.stride(1) != 1:
+        raise ValueError(
+            f"{name}: the feature dimension must be contiguous (stride 1), got strides {x.stride()}"
+        )
+
+
+def _check_static_scale(scale, x) -> None:
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or scale.dtype != torch.float32:
+        raise ValueError("scale: expected a 1-element float32 tensor (a static per-tensor scale)")
+    if scale.device != x.device:
+        raise ValueError(f"scale: expected device {x.device}, got {scale.device}")
+
+
+def launch_device_ok(x: torch.Tensor, op: str) -> None:
+    if triton is None:
+        raise RuntimeError(f"{op} needs triton; use {op}_ref")
+    if x.device.type == "cpu" and not interpreting():
+        raise RuntimeError(
+            f"{op} on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported; use {op}_ref on CPU"
+        )
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize activations to E4M3 with the Triton kernel.
+
+    x: (tokens, features) fp32 / fp16 / bf16, feature dimension contiguous.  scale: None for dynamic per-token
+    scales, or a 1-element fp32 tensor (static per-tensor scale, e.g. calibrated).  Returns ``q: (tokens,
+    features) float8_e4m3fn`` (contiguous) and the scale: ``(tokens, 1)`` fp32 (dynamic) or ``scale`` itself.
+    """
+    _check_x(x)
+    launch_device_ok(x, "quantize_fp8")
+    m, k = x.shape
+    if k > MAX_ROW:
+        raise ValueError(f"quantize_fp8 holds a row in one tile: at most {MAX_ROW} features, got {k}")
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    if scale is None:
+        out_scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    else:
+        _check_static_scale(scale, x)
+        out_scale = scale
+    if m == 0:
+        return q, out_scale
+    block = max(16, triton.next_power_of_2(k))
+    _quantize_rows_kernel[(m,)](
+        x,
+        q,
+        out_scale,
+        k,
+        x.stride(0),
+        MIN_SCALE,
+        STATIC=scale is not None,
+        EXACT_ROUND=interpreting(),
+        BLOCK_K=block,
+        num_warps=4 if block <= 2048 else 8,
+    )
+    return q, out_scale
+
+
+def round_e4m3_ref(x: torch.Tensor) -> torch.Tensor:
+    """Saturating round-to-nearest-even cast of fp32 ``x`` to float8_e4m3fn (torch's cast after a clamp)."""
+    return x.float().clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def quantize_fp8_ref(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch :func:`quantize_fp8` (same contract, same math in fp32)."""
+    _check_x(x)
+    xf = x.float()
+    if scale is None:
+        scale = (xf.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp_min(MIN_SCALE)
+        return round_e4m3_ref(xf / scale), scale
+    _check_static_scale(scale, x)
+    return round_e4m3_ref(xf / scale.reshape(())), scale

@@ -27,7 +27,7 @@ class Engine:
 
     def __init__(self, model: Callable[..., torch.Tensor], spec: ModelSpec, *, solver: str, nfe: int,
                  max_plans: int = 8, spacing: Any = None, guidance_scale: float | None = None,
-                 **options: Any):
+                 quant: str | None = None, quant_options: dict | None = None, **options: Any):
         if isinstance(max_plans, bool) or not isinstance(max_plans, int) or max_plans < 1:
             raise ValueError(f"max_plans must be an int >= 1, got {max_plans!r}")
         bad = sorted(set(options) & set(_PER_CALL))
@@ -37,6 +37,13 @@ class Engine:
         self._plan_options = {k: v for k, v in options.items() if k in plan_keys}
         solver_options = {k: v for k, v in options.items() if k not in plan_keys}
         self.program = build(solver, spec, nfe, spacing, guidance_scale=guidance_scale, **solver_options)
+        if quant is None and quant_options:
+            raise ValueError("quant_options given without quant=; pass quant='fp8' or 'fp8-emulated'")
+        if quant is not None:
+            from ..quant import check_mode
+
+            check_mode(quant)  # an unknown mode fails here, not at the first call
+        self.quant, self.quant_options = quant, dict(quant_options or {})
         self.model, self.max_plans = model, max_plans
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._pool = None
@@ -61,8 +68,14 @@ class Engine:
             return plan
         if noise.device.type == "cuda" and self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        plan = Plan(self.model, self.program, shape=noise.shape, device=noise.device, cond=cond,
-                    graph_pool=self._pool if noise.device.type == "cuda" else None, **self._plan_options)
+        kw = dict(shape=noise.shape, device=noise.device, cond=cond,
+                  graph_pool=self._pool if noise.device.type == "cuda" else None, **self._plan_options)
+        quant_structure = None
+        if self.quant is not None:  # the network is quantized once; static scales are calibrated per shape
+            from .quantized import quantize_for_plan
+
+            quant_structure = quantize_for_plan(self.model, self.quant, self.program, kw, self.quant_options)
+        plan = Plan(self.model, self.program, **kw, quant_structure=quant_structure)
         self._plans[key] = plan  # only a fully built plan is cached: a failed build leaves nothing behind
         while len(self._plans) > self.max_plans:
             self._plans.popitem(last=False)

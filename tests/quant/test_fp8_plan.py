@@ -141,3 +141,23 @@ def test_second_plan_reuses_the_quantized_model():
         _compile(model, quant=EMU, quant_options={"fuse_qkv": False})
     with pytest.raises(ValueError, match="already quantized"):
         fs.quantize(model, EMU)
+
+
+def test_engine_passes_quant_to_every_plan():
+    model = tiny_dit()
+    fn, spec = fs.models.from_diffusers(model)
+    ref_fn, _ = fs.models.from_diffusers(tiny_dit())
+    eng = fs.Engine(fn, spec, solver="euler", nfe=3, guidance_scale=2.0, quant=EMU)
+    ref = fs.Engine(ref_fn, spec, solver="euler", nfe=3, guidance_scale=2.0)
+    for batch in (2, 3):
+        y = torch.arange(batch, device=DEV)
+        noise = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(batch)).to(DEV)
+        out, want = eng(noise, class_labels=y), ref(noise, class_labels=y)
+        assert torch.isfinite(out).all() and sqnr_db(out, want) >= 25.0
+    assert len(eng.plans) == 2 and len(quantized_layers(model)) == 8  # quantized once, two shapes
+
+
+def test_engine_rejects_unknown_quant_mode_up_front():
+    fn, spec = fs.models.from_diffusers(tiny_dit())
+    with pytest.raises(ValueError, match="known modes"):
+        fs.Engine(fn, spec, solver="euler", nfe=3, quant="int3")

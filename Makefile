@@ -33,7 +33,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q benchmarks --benchmark-disable
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest benchmarks --benchmark-only
+	mkdir -p benchmarks/results
+	$(BIN)/python -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/pytest-benchmark-$$(hostname)-$$(git rev-parse --short HEAD).json
 
 lint: $(STAMP)
 	$(BIN)/pip install -q ruff

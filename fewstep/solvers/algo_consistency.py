@@ -194,7 +194,8 @@ def _cm_diffusers(o: CMOptions, sp):
         raise ValueError("cm equals diffusers' CMStochasticIterativeScheduler only with "
                          "train_steps=N, gamma=1 and final='sigma_min'")
     return "CMStochasticIterativeScheduler", {"num_train_timesteps": o.train_steps, "rho": sp.rho,
-                                              "s_noise": o.s_noise, "clip_denoised": False}
+                                              "s_noise": o.s_noise, "clip_denoised": False,
+                                              "use_karras_sigmas": None}  # karras is its only grid
 
 
 @register("cm", CMOptions, stochastic=lambda o: o.gamma > 0 and o.s_noise > 0,

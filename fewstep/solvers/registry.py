@@ -93,7 +93,9 @@ def register(name: str, options: type = CommonOptions, *, stochastic: "bool | Ca
     stochastic: whether the sampler draws noise (a bool, or a function of the options, e.g. DDIM's eta > 0).
     order: the nominal convergence order on the probability-flow ODE (int or function of the options; None for
     samplers that are not ODE solvers).  diffusers: ``fn(opts, spacing) -> (SchedulerClassName, config
-    overrides)`` naming the equivalent diffusers scheduler, used by parity tests and ``fewstep accuracy``.
+    overrides)`` naming the equivalent diffusers scheduler, used by parity tests and ``fewstep accuracy``; an
+    override set to None drops that base key (the class has it built in).  ``to_diffusers`` raises rather than
+    silently dropping a key the class does not take.
     """
 
     def deco(fn):
@@ -220,7 +222,23 @@ def to_diffusers(name: str, spec: ModelSpec, spacing: "str | Spacing | None" = N
         # VP-family schedulers run flow models through their use_flow_sigmas mode
         cfg.update(use_flow_sigmas=True, flow_shift=spec.schedule.shift, prediction_type="flow_prediction")
     cfg.update(overrides)
+    for k in [k for k, v in overrides.items() if v is None]:  # None: "this class has it built in", drop it
+        del cfg[k]
     params = inspect.signature(cls.__init__).parameters
+    # keys that carry meaning for this program must be taken, never silently dropped: the solver's own
+    # overrides, the spacing flags and the flow mapping (schedule keys a class lacks are simply not its own)
+    if sp.name in ("ays", "sigmas", "timesteps"):
+        raise ValueError(f"{cls_name} has no config for spacing {sp.name!r} (diffusers takes it as "
+                         f"set_timesteps(timesteps=... / sigmas=...))")
+    needed = {k for k in overrides if k in cfg} | {k for k in cfg if k.startswith("use_") or k in ("timestep_spacing", "flow_shift")}
+    if spec.schedule.kind == "vp":
+        needed |= {k for k in ("rescale_betas_zero_snr", "trained_betas") if cfg.get(k)}
+    if cfg.get("timestep_spacing") == "linspace" and not cfg.get("steps_offset"):
+        needed.discard("timestep_spacing")  # a class without the key (DPMSolverSinglestep) spaces linearly
+    dropped = sorted(k for k in needed if k not in params and cfg.get(k) not in (None, False))
+    if dropped:
+        raise ValueError(f"{cls_name} takes no {dropped}: no diffusers equivalent of {name} with "
+                         f"spacing {sp.name!r} on {spec.describe()}")
     return cls(**{k: v for k, v in cfg.items() if k in params})
 
 

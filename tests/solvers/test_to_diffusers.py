@@ -58,3 +58,11 @@ def test_declared_equivalent_matches(name, spec):
     ref, _ = diffusers_sample(sch, toy_model, noise, _steps(name, nfe), step_noise=zs)
     ours = fs.solvers.run_reference(prog, toy_model, noise, step_noise=zs)
     assert rel_err(ours, ref) <= 1e-5
+
+
+def test_settings_a_class_cannot_take_are_an_error_not_silently_dropped():
+    with pytest.raises(ValueError, match="no config for spacing 'ays'"):
+        fs.solvers.to_diffusers("euler", VP, "ays")
+    spec = fs.ModelSpec(fs.schedules.DiscreteVP(rescale_zero_terminal_snr=True), "v_prediction")
+    with pytest.raises(ValueError, match="takes no"):
+        fs.solvers.to_diffusers("ipndm", spec, "linspace", grid="ipndm")

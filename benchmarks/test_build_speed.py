@@ -34,4 +34,6 @@ def test_build_time(benchmark, name, nfe):
         fs.solvers.build(name, spec, nfe)
         times.append(time.perf_counter() - t0)
     times.sort()
-    assert times[2] < BUDGET_S, f"{name} nfe={nfe}: median build {times[2] * 1e3:.1f} ms > {BUDGET_S * 1e3:.0f} ms"
+    assert times[2] < BUDGET_S, (
+        f"{name} nfe={nfe}: median build {times[2] * 1e3:.1f} ms > {BUDGET_S * 1e3:.0f} ms"
+    )

@@ -1,8 +1,8 @@
 """The ``fewstep`` command: ``fewstep demo | sample | bench | accuracy | solvers``.
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; modules are
-imported only when their subcommand runs, so ``fewstep --help`` stays fast and GPU-only code is never imported
-on a CPU machine.
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; modules
+are imported only when their subcommand runs, so ``fewstep --help`` stays fast and GPU-only code is never
+imported on a CPU machine.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
-    "demo": ("fewstep.demo", "sample a 10x10 grid of digits with the bundled model and print quality/latency"),
+    "demo": (
+        "fewstep.demo",
+        "sample a 10x10 grid of digits with the bundled model and print quality/latency",
+    ),
     "sample": ("fewstep.sample", "sample images with the bundled model or a local diffusers model"),
     "bench": ("fewstep.bench", "latency benchmarks: fused solver step and whole samples vs diffusers"),
     "accuracy": ("fewstep.accuracy", "RMS error of every deterministic solver against an exact ODE oracle"),
@@ -36,8 +39,11 @@ def run(args: argparse.Namespace) -> int:
     if args.name is None:
         for name in S.available():
             info = S.get(name)
-            kind = "stochastic" if info.stochastic is True else ("deterministic" if info.stochastic is False
-                                                                 else "option-dependent")
+            kind = (
+                "stochastic"
+                if info.stochastic is True
+                else ("deterministic" if info.stochastic is False else "option-dependent")
+            )
             print(f"{name:14s} {kind:16s} {info.doc}")
         return 0
     info = S.get(args.name)
@@ -56,7 +62,9 @@ def _available(module: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="fewstep", description="fewstep: a low-NFE diffusion inference engine")
+    parser = argparse.ArgumentParser(
+        prog="fewstep", description="fewstep: a low-NFE diffusion inference engine"
+    )
     parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in SUBCOMMANDS.items():

@@ -1,10 +1,10 @@
 """``fewstep demo``: the bundled digits DiT, compiled into plans, sampled and measured.
 
 Builds a plan for the bundled class-conditional DiT (trained on scikit-learn's digits by
-``scripts/train_digits.py``), samples a 10x10 grid (one row per digit) into ``demo.png``, then prints a table per
-solver and NFE: latency of one plan call, class accuracy of the samples (the bundled classifier) and the Frechet
-distance to the real digits in the classifier's feature space.  On a machine without CUDA the plans run eagerly
-through the kernels' PyTorch references; on CUDA each plan is one CUDA-graph replay.
+``scripts/train_digits.py``), samples a 10x10 grid (one row per digit) into ``demo.png``, then prints a table
+per solver and NFE: latency of one plan call, class accuracy of the samples (the bundled classifier) and the
+Frechet distance to the real digits in the classifier's feature space.  On a machine without CUDA the plans
+run eagerly through the kernels' PyTorch references; on CUDA each plan is one CUDA-graph replay.
 """
 
 from __future__ import annotations
@@ -22,13 +22,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo.png", help="where to write the 10x10 grid (default: demo.png)")
     p.add_argument("--solver", default="unipc", help="solver for the grid (default: unipc)")
     p.add_argument("--nfe", type=int, default=8, help="network calls for the grid (default: 8)")
-    p.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance scale (default: 1.5)")
+    p.add_argument(
+        "--guidance", type=float, default=1.5, help="classifier-free guidance scale (default: 1.5)"
+    )
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    p.add_argument("--solvers", default=",".join(DEFAULT_SOLVERS),
-                   help=f"comma-separated solvers for the table (default: {','.join(DEFAULT_SOLVERS)})")
-    p.add_argument("--nfes", default=",".join(map(str, DEFAULT_NFES)),
-                   help=f"comma-separated NFEs for the table (default: {','.join(map(str, DEFAULT_NFES))})")
-    p.add_argument("--per-class", type=int, default=30, help="samples per digit for the metrics (default: 30)")
+    p.add_argument(
+        "--solvers",
+        default=",".join(DEFAULT_SOLVERS),
+        help=f"comma-separated solvers for the table (default: {','.join(DEFAULT_SOLVERS)})",
+    )
+    p.add_argument(
+        "--nfes",
+        default=",".join(map(str, DEFAULT_NFES)),
+        help=f"comma-separated NFEs for the table (default: {','.join(map(str, DEFAULT_NFES))})",
+    )
+    p.add_argument(
+        "--per-class", type=int, default=30, help="samples per digit for the metrics (default: 30)"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--repeats", type=int, default=3, help="timed plan calls per row (default: 3)")
 
@@ -69,12 +79,22 @@ def run(args: argparse.Namespace) -> int:
     clf = metrics.load_digit_classifier()
     n_params = sum(p.numel() for p in dit.parameters())
     mode = "one CUDA graph per sample" if device.type == "cuda" else "eager, PyTorch reference kernels"
-    print(f"fewstep demo: digits DiT ({n_params / 1e6:.2f} M parameters, {spec.describe()}), "
-          f"guidance {args.guidance:g}, {device.type} ({mode})")
+    print(
+        f"fewstep demo: digits DiT ({n_params / 1e6:.2f} M parameters, {spec.describe()}), "
+        f"guidance {args.guidance:g}, {device.type} ({mode})"
+    )
 
     def make_plan(solver: str, nfe: int, labels: torch.Tensor):
-        return fs.compile(model, spec, solver=solver, nfe=nfe, shape=(labels.numel(), *digits.SAMPLE_SHAPE),
-                          guidance_scale=args.guidance, device=device, cond={"class_labels": labels})
+        return fs.compile(
+            model,
+            spec,
+            solver=solver,
+            nfe=nfe,
+            shape=(labels.numel(), *digits.SAMPLE_SHAPE),
+            guidance_scale=args.guidance,
+            device=device,
+            cond={"class_labels": labels},
+        )
 
     def noise_for(n: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
@@ -114,8 +134,10 @@ def run(args: argparse.Namespace) -> int:
         rows.append((solver, nfe, statistics.median(times) * 1e3, acc, fd, ""))
 
     n = labels.numel()
-    print(f"\n{n} samples per row ({args.per_class} per digit), guidance {args.guidance:g}, seed {args.seed}; "
-          f"latency = median of {max(1, args.repeats)} plan calls on {_device_name(device)}")
+    print(
+        f"\n{n} samples per row ({args.per_class} per digit), guidance {args.guidance:g}, seed {args.seed}; "
+        f"latency = median of {max(1, args.repeats)} plan calls on {_device_name(device)}"
+    )
     print(f"{'solver':<12} {'NFE':>4} {'latency ms':>11} {'class acc':>10} {'Frechet dist':>13}")
     for solver, nfe, ms, acc, fd, note in rows:
         if ms is None:
@@ -123,8 +145,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{solver:<12} {nfe:>4} {ms:>11.1f} {acc:>10.3f} {fd:>13.2f}")
     real_x, real_y = digits.load_digits_data("test")
-    print(f"{'real digits':<12} {'':>4} {'':>11} {metrics.class_accuracy(real_x, real_y, clf):>10.3f} "
-          f"{metrics.frechet_distance(real_x, classifier=clf):>13.2f}  (held-out test split)")
+    print(
+        f"{'real digits':<12} {'':>4} {'':>11} {metrics.class_accuracy(real_x, real_y, clf):>10.3f} "
+        f"{metrics.frechet_distance(real_x, classifier=clf):>13.2f}  (held-out test split)"
+    )
     print(f"\ndone in {time.perf_counter() - t_start:.1f} s")
     return 0
 

@@ -22,7 +22,9 @@ def write_png(path: str | Path, image: np.ndarray) -> Path:
     raw = b"".join(b"\x00" + rows[i].tobytes() for i in range(h))
 
     def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
 
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
     png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
@@ -31,8 +33,9 @@ def write_png(path: str | Path, image: np.ndarray) -> Path:
     return path
 
 
-def image_grid(images: np.ndarray, rows: int, *, scale: int = 1, pad: int = 1, lo: float = -1.0,
-               hi: float = 1.0) -> np.ndarray:
+def image_grid(
+    images: np.ndarray, rows: int, *, scale: int = 1, pad: int = 1, lo: float = -1.0, hi: float = 1.0
+) -> np.ndarray:
     """Tile ``images`` (N, H, W) floats in [lo, hi] into a uint8 grid of ``rows`` rows, each pixel ``scale``
     times enlarged, with ``pad`` pixels of black between tiles."""
     imgs = np.asarray(images, dtype=np.float64)
@@ -47,5 +50,5 @@ def image_grid(images: np.ndarray, rows: int, *, scale: int = 1, pad: int = 1, l
     for k in range(n):
         r, c = divmod(k, cols)
         y, x = pad + r * (th + pad), pad + c * (tw + pad)
-        out[y:y + th, x:x + tw] = u8[k]
+        out[y : y + th, x : x + tw] = u8[k]
     return out

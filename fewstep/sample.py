@@ -4,13 +4,14 @@ Bundled model: ``fewstep sample --solver unipc --nfe 8 --guidance 2 --labels 0,1
 
 Local diffusers directory (loaded with ``from_pretrained`` from disk, never the network):
 
-* a pipeline directory (``model_index.json``) with a ``transformer`` or ``unet`` and a ``scheduler``; a ``vae``
-  next to them, if present, decodes the latents into the PNG;
+* a pipeline directory (``model_index.json``) with a ``transformer`` or ``unet`` and a ``scheduler``; a
+  ``vae`` next to them, if present, decodes the latents into the PNG;
 * or a bare model directory (``config.json`` of DiTTransformer2DModel, UNet2DConditionModel,
   SD3Transformer2DModel or FluxTransformer2DModel) plus ``--scheduler-config`` (a diffusers scheduler JSON).
 
-Class-conditional DiTs take ``--labels``; text-conditioned models take ``--cond FILE.pt``, a ``torch.save``d dict
-of conditioning tensors for one image (e.g. ``encoder_hidden_states``, ``negative_encoder_hidden_states``,
+Class-conditional DiTs take ``--labels``; text-conditioned models take ``--cond FILE.pt``, a ``torch.save``d
+dict of conditioning tensors for one image (e.g. ``encoder_hidden_states``,
+``negative_encoder_hidden_states``,
 ``pooled_projections``...), repeated over the batch.  Latents are also written next to the PNG as ``.pt``.
 """
 
@@ -28,15 +29,26 @@ _MODEL_DIRS = ("transformer", "unet")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", default="unipc", help="solver name (see `fewstep solvers`; default: unipc)")
     p.add_argument("--nfe", type=int, default=8, help="network calls (default: 8)")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale; 0 or less: off")
+    p.add_argument(
+        "--guidance", type=float, default=2.0, help="classifier-free guidance scale; 0 or less: off"
+    )
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument("--out", default="samples.png", help="output PNG (default: samples.png)")
-    p.add_argument("--labels", default=None,
-                   help="comma-separated class labels, one image each (bundled model default: 0..9)")
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated class labels, one image each (bundled model default: 0..9)",
+    )
     p.add_argument("--spacing", default=None, help="timestep spacing (default: the solver's / config's)")
-    p.add_argument("--diffusers", metavar="PATH", default=None, help="a local diffusers pipeline or model dir")
-    p.add_argument("--scheduler-config", metavar="JSON", default=None,
-                   help="diffusers scheduler config for a bare model directory")
+    p.add_argument(
+        "--diffusers", metavar="PATH", default=None, help="a local diffusers pipeline or model dir"
+    )
+    p.add_argument(
+        "--scheduler-config",
+        metavar="JSON",
+        default=None,
+        help="diffusers scheduler config for a bare model directory",
+    )
     p.add_argument("--cond", metavar="FILE.pt", default=None, help="conditioning tensors for text models")
     p.add_argument("--batch", type=int, default=1, help="images for text-conditioned models (default: 1)")
     p.add_argument("--size", type=int, default=None, help="latent height/width (default: the model's)")
@@ -75,14 +87,24 @@ def _sample_bundled(args, guidance, device) -> int:
     dit, _ = digits.load_digits_dit()
     model, spec = fs.models.from_diffusers(dit.to(device), digits.digits_scheduler_config())
     t0 = time.perf_counter()
-    plan = fs.compile(model, spec, solver=args.solver, nfe=args.nfe, spacing=args.spacing,
-                      shape=(len(labels), *digits.SAMPLE_SHAPE), guidance_scale=guidance, device=device,
-                      cond={"class_labels": labels.to(device)})
+    plan = fs.compile(
+        model,
+        spec,
+        solver=args.solver,
+        nfe=args.nfe,
+        spacing=args.spacing,
+        shape=(len(labels), *digits.SAMPLE_SHAPE),
+        guidance_scale=guidance,
+        device=device,
+        cond={"class_labels": labels.to(device)},
+    )
     noise = torch.randn(len(labels), *digits.SAMPLE_SHAPE, generator=torch.Generator().manual_seed(args.seed))
     x = plan(noise.to(device), class_labels=labels.to(device), seed=args.seed).clamp(-1, 1).cpu()
     write_png(args.out, image_grid(x[:, 0].numpy(), rows=1, scale=4))
-    print(f"wrote {args.out}: digits {labels.tolist()} ({args.solver}, NFE {args.nfe}, guidance "
-          f"{guidance or 0:g}, {time.perf_counter() - t0:.2f} s including the plan build)")
+    print(
+        f"wrote {args.out}: digits {labels.tolist()} ({args.solver}, NFE {args.nfe}, guidance "
+        f"{guidance or 0:g}, {time.perf_counter() - t0:.2f} s including the plan build)"
+    )
     return 0
 
 
@@ -104,7 +126,9 @@ def _load_dir(path: Path, scheduler_config: str | None, device):
             raise FileNotFoundError(f"{sched_file} is missing (or pass --scheduler-config)")
         scheduler_config = scheduler_config or str(sched_file)
         if (path / "vae" / "config.json").is_file():
-            vae = diffusers.AutoencoderKL.from_pretrained(path / "vae", local_files_only=True).to(device).eval()
+            vae = (
+                diffusers.AutoencoderKL.from_pretrained(path / "vae", local_files_only=True).to(device).eval()
+            )
         model_dir = sub
     else:
         model_dir = path
@@ -115,7 +139,9 @@ def _load_dir(path: Path, scheduler_config: str | None, device):
     cls_name = json.loads((model_dir / "config.json").read_text()).get("_class_name", "")
     names = list(SUPPORTED_MODELS)
     if cls_name not in names:
-        raise ValueError(f"unsupported model class {cls_name!r} in {model_dir}; supported: {', '.join(names)}")
+        raise ValueError(
+            f"unsupported model class {cls_name!r} in {model_dir}; supported: {', '.join(names)}"
+        )
     net = getattr(diffusers, cls_name).from_pretrained(model_dir, local_files_only=True).to(device).eval()
     sched_path = Path(scheduler_config)
     if not sched_path.is_file():
@@ -150,8 +176,10 @@ def _sample_diffusers(args, guidance, device) -> int:
         if not isinstance(loaded, dict):
             raise ValueError(f"--cond {args.cond}: expected a dict of tensors, got {type(loaded).__name__}")
         batch = args.batch
-        cond = {k: v.expand(batch, *v.shape[1:]).contiguous().to(device) if v.dim() > 0 else v.to(device)
-                for k, v in loaded.items()}
+        cond = {
+            k: v.expand(batch, *v.shape[1:]).contiguous().to(device) if v.dim() > 0 else v.to(device)
+            for k, v in loaded.items()
+        }
     size = args.size or int(getattr(cfg, "sample_size", 64))
     channels = int(getattr(cfg, "in_channels", 4))
     if cls == "FluxTransformer2DModel":
@@ -162,8 +190,18 @@ def _sample_diffusers(args, guidance, device) -> int:
     if spacing is None and getattr(model, "pipeline_spacing", None) is not None:
         spacing = model.pipeline_spacing(args.nfe, shape)
     t0 = time.perf_counter()
-    plan = fs.compile(model, spec, solver=args.solver, nfe=args.nfe, spacing=spacing, shape=shape, dtype=dtype,
-                      guidance_scale=guidance, device=device, cond=cond)
+    plan = fs.compile(
+        model,
+        spec,
+        solver=args.solver,
+        nfe=args.nfe,
+        spacing=spacing,
+        shape=shape,
+        dtype=dtype,
+        guidance_scale=guidance,
+        device=device,
+        cond=cond,
+    )
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
     latents = plan(noise, seed=args.seed, **cond)
     out = Path(args.out)
@@ -173,11 +211,17 @@ def _sample_diffusers(args, guidance, device) -> int:
             sf = float(getattr(vae.config, "scaling_factor", 1.0))
             img = vae.decode(latents.to(vae.dtype) / sf).sample.clamp(-1, 1).float().cpu()
         tiles = ((img.permute(0, 2, 3, 1).numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
-        write_png(out, np.concatenate(list(tiles), axis=1) if tiles.shape[-1] == 3 else
-                  np.concatenate(list(tiles[..., 0]), axis=1))
+        write_png(
+            out,
+            np.concatenate(list(tiles), axis=1)
+            if tiles.shape[-1] == 3
+            else np.concatenate(list(tiles[..., 0]), axis=1),
+        )
         print(f"wrote {out} and {out.with_suffix('.pt')}", end="")
     else:
         print(f"wrote latents {out.with_suffix('.pt')} (no vae/ in {args.diffusers}: no PNG)", end="")
-    print(f" ({cls}, {args.solver}, NFE {args.nfe}, {time.perf_counter() - t0:.2f} s including the plan build)",
-          file=sys.stdout)
+    print(
+        f" ({cls}, {args.solver}, NFE {args.nfe}, {time.perf_counter() - t0:.2f} s including the plan build)",
+        file=sys.stdout,
+    )
     return 0

@@ -20,14 +20,30 @@ def _cells(text: str, solver: str, impl: str = "fewstep") -> list[str]:
     for line in text.splitlines():
         parts = line.split()
         if impl == "fewstep" and parts[:1] == [solver] and "fewstep" in parts:
-            return parts[parts.index("fewstep") + 1:]
+            return parts[parts.index("fewstep") + 1 :]
     raise AssertionError(f"no {impl} row for {solver} in:\n{text}")
 
 
 def test_cli_writes_table_png_and_markdown(tmp_path, capsys):
     png, md = tmp_path / "acc.png", tmp_path / "acc.md"
-    rc = accuracy.main(["--solvers", "euler,heun", "--nfe", "4,5", "--samples", "6", "--dim", "3",
-                        "--spacings", "karras,linspace", "--out", str(png), "--markdown", str(md)])
+    rc = accuracy.main(
+        [
+            "--solvers",
+            "euler,heun",
+            "--nfe",
+            "4,5",
+            "--samples",
+            "6",
+            "--dim",
+            "3",
+            "--spacings",
+            "karras,linspace",
+            "--out",
+            str(png),
+            "--markdown",
+            str(md),
+        ]
+    )
     out = capsys.readouterr()
     assert rc == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
@@ -41,8 +57,9 @@ def test_cli_writes_table_png_and_markdown(tmp_path, capsys):
 
 
 def test_table_numbers_equal_run_reference_against_the_oracle():
-    table = accuracy.accuracy_table(None, (4, 6), solvers=["euler", "dpmpp_2m"], compare_diffusers=False,
-                                    **TINY)
+    table = accuracy.accuracy_table(
+        None, (4, 6), solvers=["euler", "dpmpp_2m"], compare_diffusers=False, **TINY
+    )
     assert [r.solver for r in table.rows] == ["euler", "dpmpp_2m"]
     for row in table.rows:
         assert row.spacing in accuracy.candidate_spacings(table.spec)
@@ -58,8 +75,9 @@ def test_table_numbers_equal_run_reference_against_the_oracle():
 
 def test_diffusers_column_matches_fewstep_where_parity_holds():
     pytest.importorskip("diffusers")
-    table = accuracy.accuracy_table(None, (4, 5, 8), solvers=["euler", "dpmpp_2m"],
-                                    spacings=["karras", "linspace"], **TINY)
+    table = accuracy.accuracy_table(
+        None, (4, 5, 8), solvers=["euler", "dpmpp_2m"], spacings=["karras", "linspace"], **TINY
+    )
     for row in table.rows:
         assert row.diffusers_name is not None, row.diffusers_note
         for n in (4, 5, 8):
@@ -79,7 +97,9 @@ def test_diffusers_compared_at_the_best_spacing_it_can_run():
         assert pair.diffusers_errors[n] == pytest.approx(pair.errors[n], rel=1e-4)
     if row.spacing == "ays":
         assert all(v is None for v in row.diffusers_errors.values())
-        assert "no config for spacing 'ays'" in row.diffusers_note  # to_diffusers refuses, never runs linspace
+        assert (
+            "no config for spacing 'ays'" in row.diffusers_note
+        )  # to_diffusers refuses, never runs linspace
         assert "the best spacing diffusers can run" in accuracy.format_text(table)
 
 
@@ -100,8 +120,9 @@ def test_diffusers_cell_is_rejected_when_diffusers_runs_another_grid():
 
 def test_leading_spacing_is_not_chosen_for_its_shorter_path():
     """'leading' starts lower at low NFE (a shorter ODE path): it is not eligible for 'best spacing'."""
-    table = accuracy.accuracy_table(None, (4,), solvers=["euler"], spacings=["leading", "linspace"],
-                                    compare_diffusers=False, **TINY)
+    table = accuracy.accuracy_table(
+        None, (4,), solvers=["euler"], spacings=["leading", "linspace"], compare_diffusers=False, **TINY
+    )
     assert table.rows[0].spacing == "linspace"
 
 
@@ -120,8 +141,25 @@ def test_fewstep_cli_dispatches_to_accuracy(tmp_path, capsys):
     from fewstep import cli
 
     png = tmp_path / "a.png"
-    rc = cli.main(["accuracy", "--solvers", "euler", "--nfe", "4", "--samples", "4", "--dim", "2",
-                   "--spacings", "karras", "--no-diffusers", "--quiet", "--out", str(png)])
+    rc = cli.main(
+        [
+            "accuracy",
+            "--solvers",
+            "euler",
+            "--nfe",
+            "4",
+            "--samples",
+            "4",
+            "--dim",
+            "2",
+            "--spacings",
+            "karras",
+            "--no-diffusers",
+            "--quiet",
+            "--out",
+            str(png),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and png.exists()
     assert re.search(r"euler\s+karras\s+fewstep\s+\d\.\d\de-\d\d", out)
@@ -131,8 +169,9 @@ def test_missing_diffusers_prints_dashes_and_why(tmp_path, capsys, monkeypatch):
     """Without diffusers (an optional dependency) the table still comes out, with the reason stated."""
     monkeypatch.setitem(__import__("sys").modules, "diffusers", None)  # makes `import diffusers` fail
     png = tmp_path / "a.png"
-    rc = accuracy.main(solvers=["euler"], nfe=[4, 5], samples=4, dim=2, spacings=["karras"], out=str(png),
-                       quiet=True)
+    rc = accuracy.main(
+        solvers=["euler"], nfe=[4, 5], samples=4, dim=2, spacings=["karras"], out=str(png), quiet=True
+    )
     out = capsys.readouterr().out
     assert rc == 0 and png.exists()
     assert "diffusers column: diffusers is not importable" in out

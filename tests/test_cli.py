@@ -51,12 +51,27 @@ def test_unknown_solver_is_a_clean_error(capsys):
 def _tiny_dit_pipeline(root):
     torch.manual_seed(0)
     dit = diffusers.DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_type="ada_norm_zero")
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=1,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_type="ada_norm_zero",
+    )
     dit.save_pretrained(root / "transformer")
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,),
-                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                                  norm_num_groups=4, sample_size=8)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        norm_num_groups=4,
+        sample_size=8,
+    )
     vae.save_pretrained(root / "vae")
     diffusers.DDIMScheduler(beta_schedule="linear").save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline"}))
@@ -65,8 +80,23 @@ def _tiny_dit_pipeline(root):
 def test_sample_local_dit_pipeline(tmp_path, capsys):
     _tiny_dit_pipeline(tmp_path / "pipe")
     out = tmp_path / "img.png"
-    rc = cli.main(["sample", "--diffusers", str(tmp_path / "pipe"), "--labels", "1,7", "--nfe", "3",
-                   "--solver", "dpmpp_2m", "--out", str(out), "--device", "cpu"])
+    rc = cli.main(
+        [
+            "sample",
+            "--diffusers",
+            str(tmp_path / "pipe"),
+            "--labels",
+            "1,7",
+            "--nfe",
+            "3",
+            "--solver",
+            "dpmpp_2m",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lat = torch.load(out.with_suffix(".pt"))
@@ -75,7 +105,9 @@ def test_sample_local_dit_pipeline(tmp_path, capsys):
 
 def test_sample_rejects_unknown_label_and_bad_dirs(tmp_path, capsys):
     _tiny_dit_pipeline(tmp_path / "pipe")
-    assert cli.main(["sample", "--diffusers", str(tmp_path / "pipe"), "--labels", "10", "--device", "cpu"]) == 2
+    assert (
+        cli.main(["sample", "--diffusers", str(tmp_path / "pipe"), "--labels", "10", "--device", "cpu"]) == 2
+    )
     assert "unknown class label" in capsys.readouterr().err
     assert cli.main(["sample", "--diffusers", str(tmp_path / "missing")]) == 2
     assert "no such directory" in capsys.readouterr().err
@@ -90,19 +122,45 @@ def test_sample_rejects_unknown_label_and_bad_dirs(tmp_path, capsys):
 def test_sample_bare_unet_with_cond_file(tmp_path, capsys):
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8)
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
     unet.save_pretrained(tmp_path / "unet")
     sched = tmp_path / "sched.json"
     diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear").save_pretrained(tmp_path / "s")
     sched.write_text((tmp_path / "s" / "scheduler_config.json").read_text())
     cond = tmp_path / "cond.pt"
-    torch.save({"encoder_hidden_states": torch.randn(1, 5, 24),
-                "negative_encoder_hidden_states": torch.zeros(1, 5, 24)}, cond)
+    torch.save(
+        {
+            "encoder_hidden_states": torch.randn(1, 5, 24),
+            "negative_encoder_hidden_states": torch.zeros(1, 5, 24),
+        },
+        cond,
+    )
     out = tmp_path / "lat.png"
-    args = ["sample", "--diffusers", str(tmp_path / "unet"), "--scheduler-config", str(sched), "--nfe", "2",
-            "--batch", "2", "--out", str(out), "--device", "cpu"]
+    args = [
+        "sample",
+        "--diffusers",
+        str(tmp_path / "unet"),
+        "--scheduler-config",
+        str(sched),
+        "--nfe",
+        "2",
+        "--batch",
+        "2",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     assert cli.main(args) == 2  # text-conditioned without --cond
     assert "--cond" in capsys.readouterr().err
     assert cli.main(args + ["--cond", str(cond)]) == 0, capsys.readouterr().err

@@ -7,6 +7,23 @@ from .registry import BuildContext, CommonOptions, available, build, get, regist
 from .spacing import SPACINGS, Grid, Spacing, make_grid
 from .spec import ModelSpec
 
-__all__ = ["schedules", "Lin", "ProgramBuilder", "Stage", "StepProgram", "run_reference", "BuildContext",
-           "CommonOptions", "to_diffusers", "available", "build", "get", "register", "SPACINGS", "Grid", "Spacing", "make_grid",
-           "ModelSpec"]
+__all__ = [
+    "schedules",
+    "Lin",
+    "ProgramBuilder",
+    "Stage",
+    "StepProgram",
+    "run_reference",
+    "BuildContext",
+    "CommonOptions",
+    "to_diffusers",
+    "available",
+    "build",
+    "get",
+    "register",
+    "SPACINGS",
+    "Grid",
+    "Spacing",
+    "make_grid",
+    "ModelSpec",
+]

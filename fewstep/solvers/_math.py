@@ -28,9 +28,9 @@ def init_scale(spec: ModelSpec, first: Point, spacing: str, family: str = "multi
     """Scale of the starting sample ``x_T = scale * noise`` in the schedule's native space.
 
     VP, multistep family: 1 (the VP marginal, as DPMSolverMultistep / UniPC / DEIS / DDIM start).  VP, euler
-    family: diffusers' Euler / Heun start at ``sigma_max * noise`` in k-diffusion space (``sigma`` in VP space),
-    except with 'leading' spacing where they start at ``sqrt(sigma_max^2 + 1) * noise`` (1 in VP space).
-    EDM: sigma_max.  Flow: 1 (t = 1 is pure noise).
+    family: diffusers' Euler / Heun start at ``sigma_max * noise`` in k-diffusion space (``sigma`` in VP
+    space), except with 'leading' spacing where they start at ``sqrt(sigma_max^2 + 1) * noise`` (1 in VP
+    space). EDM: sigma_max.  Flow: 1 (t = 1 is pure noise).
     """
     kind = spec.schedule.kind
     if kind == "edm":
@@ -48,8 +48,9 @@ def heun_step(x: Lin, x_pred: Lin, x0_pred: Lin, p: Point, q: Point, *, flow: bo
     The ODE is in k-diffusion variables (``y = x / alpha``, ``s = sigma / alpha``), or with ``flow=True`` in
     flow-matching ones (``y = x``, ``s = t``; FlowMatchHeun); the slope is ``d = (y - x0) / s`` in both.
     """
-    (cp, sp), (cq, sq) = ((1.0, p.sigma), (1.0, q.sigma)) if flow else \
-        ((p.alpha, p.sigma_tilde), (q.alpha, q.sigma_tilde))
+    (cp, sp), (cq, sq) = (
+        ((1.0, p.sigma), (1.0, q.sigma)) if flow else ((p.alpha, p.sigma_tilde), (q.alpha, q.sigma_tilde))
+    )
     y, y_pred = x / cp, x_pred / cq
     d_q = (y_pred - x0_pred) / sq
     return cq * (0.5 * (y + y_pred) + 0.5 * (sq - sp) * d_q)

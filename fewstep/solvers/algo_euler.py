@@ -6,7 +6,9 @@ from ._math import first_order, init_scale
 from .registry import BuildContext, CommonOptions, register
 
 
-@register("euler", order=1, diffusers=lambda o, sp: ("EulerDiscreteScheduler", {"final_sigmas_type": o.final}))
+@register(
+    "euler", order=1, diffusers=lambda o, sp: ("EulerDiscreteScheduler", {"final_sigmas_type": o.final})
+)
 def euler(ctx: BuildContext, o: CommonOptions):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 without churn)."""
     grid = ctx.grid(ctx.nfe, family="euler", final=o.final)

@@ -21,8 +21,9 @@ folded into one float64 matrix per stage.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -75,7 +76,7 @@ class Lin:
     def is_register(self) -> str | None:
         """The register name if this value is exactly one register, else None."""
         if len(self.terms) == 1:
-            (k, v), = self.terms.items()
+            ((k, v),) = self.terms.items()
             if v == 1.0 and k not in ("O_u", "O_c", "z"):
                 return k
         return None
@@ -169,9 +170,13 @@ class StepProgram:
             f"registers={list(self.registers)}, stochastic={self.stochastic}"
         ]
         for i, st in enumerate(self.stages):
-            head = "prologue" if st.call is None else (
-                f"call {sum(1 for s in self.stages[: i + 1] if s.call) - 1}: t_in={st.call.time:.6g} "
-                f"sigma={st.call.point.sigma_tilde:.6g}"
+            head = (
+                "prologue"
+                if st.call is None
+                else (
+                    f"call {sum(1 for s in self.stages[: i + 1] if s.call) - 1}: t_in={st.call.time:.6g} "
+                    f"sigma={st.call.point.sigma_tilde:.6g}"
+                )
             )
             extra = " ".join(f"{k}={v}" for k, v in st.info.items())
             lines.append(f"  stage {i}: {head}{' noise' if st.noise else ''} {extra}".rstrip())
@@ -244,8 +249,9 @@ class ProgramBuilder:
             raise RuntimeError(f"{self.solver}: finish() before any network call")
         self._emit({} if x.is_register() == "x" else {"x": x})
         regs = ("x",) + tuple(sorted((r for r in self._regs if r != "x"), key=lambda r: int(r[1:])))
-        prog = StepProgram(self.solver, self.spec, tuple(self._stages), regs, self.guidance_scale,
-                           dict(self.options))
+        prog = StepProgram(
+            self.solver, self.spec, tuple(self._stages), regs, self.guidance_scale, dict(self.options)
+        )
         _check_finite(prog)
         return prog
 
@@ -298,7 +304,9 @@ class ProgramBuilder:
         return r
 
     def _emit(self, writes: Mapping[str, Lin]) -> None:
-        outs = sorted((o for o in writes if o != NET_IN), key=_reg_key) + ([NET_IN] if NET_IN in writes else [])
+        outs = sorted((o for o in writes if o != NET_IN), key=_reg_key) + (
+            [NET_IN] if NET_IN in writes else []
+        )
         used = set()
         for o in outs:
             used.update(writes[o].terms)
@@ -348,6 +356,6 @@ def _check_finite(prog: StepProgram) -> None:
         if not np.all(np.isfinite(st.matrix)):
             bad = [(o, n) for o in st.outputs for n in st.inputs if not math.isfinite(st.coef(o, n))]
             raise ValueError(
-                f"{prog.solver}: stage {i} has non-finite coefficients {bad[:4]}; this grid/option combination "
-                f"is degenerate (e.g. a zero-SNR endpoint the solver cannot step to)"
+                f"{prog.solver}: stage {i} has non-finite coefficients {bad[:4]}; this grid/option "
+                f"combination is degenerate (e.g. a zero-SNR endpoint the solver cannot step to)"
             )

@@ -1,9 +1,10 @@
-"""Eager reference executor for StepPrograms: the ground truth the fused kernels and plans are tested against."""
+"""Eager reference executor for StepPrograms: the ground truth the fused kernels and plans are tested
+against."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -41,10 +42,10 @@ def run_reference(
     """Run ``program`` eagerly with any callable ``model_fn(x, t) -> raw output`` (``t`` a Python float).
 
     noise: standard-normal starting noise, any shape.  With guidance the network is called once per step on
-    ``cat([x, x])`` and must return ``cat([uncond, cond])``.  ``guidance_scale`` may be given to check it matches
-    the program's (None: the program's).  Stochastic programs draw ``torch.randn`` from ``generator``, or take
-    the i-th noise tensor from ``step_noise`` (a list, or a callable of the stage index) to reproduce another
-    implementation's draws.  Computation is in ``dtype`` (float64 by default); returns the sample.
+    ``cat([x, x])`` and must return ``cat([uncond, cond])``.  ``guidance_scale`` may be given to check it
+    matches the program's (None: the program's).  Stochastic programs draw ``torch.randn`` from ``generator``,
+    or take the i-th noise tensor from ``step_noise`` (a list, or a callable of the stage index) to reproduce
+    another implementation's draws.  Computation is in ``dtype`` (float64 by default); returns the sample.
     """
     if guidance_scale is not None and guidance_scale != program.guidance_scale:
         raise ValueError(
@@ -58,7 +59,7 @@ def run_reference(
     regs: dict[str, torch.Tensor] = {r: torch.zeros_like(x) for r in program.registers}
     regs["x"] = x
     noise_index = 0
-    for i, st in enumerate(program.stages):
+    for st in program.stages:
         ins = dict(regs)
         if st.call is not None:
             inp = regs[NET_IN]
@@ -69,7 +70,8 @@ def run_reference(
             if guided:
                 if out.shape[0] != 2 * x.shape[0]:
                     raise ValueError(
-                        f"with guidance model_fn must return 2x the batch ({2 * x.shape[0]}), got {out.shape[0]}"
+                        f"with guidance model_fn must return 2x the batch ({2 * x.shape[0]}), "
+                        f"got {out.shape[0]}"
                     )
                 ins["O_u"], ins["O_c"] = out.chunk(2)
             else:

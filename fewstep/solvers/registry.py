@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .program import ProgramBuilder, StepProgram
 from .spacing import Grid, Spacing, as_spacing, make_grid
 from .spec import ModelSpec
 
-__all__ = ["register", "available", "build", "BuildContext", "CommonOptions", "get", "to_diffusers",
-           "diffusers_base_config"]
+__all__ = [
+    "register",
+    "available",
+    "build",
+    "BuildContext",
+    "CommonOptions",
+    "get",
+    "to_diffusers",
+    "diffusers_base_config",
+]
 
 
 @dataclass(frozen=True)
@@ -20,8 +29,8 @@ class CommonOptions:
     """Options every solver takes.
 
     final: "zero" ends at sigma = 0 (the clean sample), "sigma_min" at the schedule's smallest sigma.
-    lower_order_final: multistep solvers drop to lower order on the last steps when nfe < 15 (diffusers' rule).
-    euler_at_final: take the very last step with first-order Euler.
+    lower_order_final: multistep solvers drop to lower order on the last steps when nfe < 15 (diffusers'
+    rule). euler_at_final: take the very last step with first-order Euler.
     """
 
     final: str = "zero"
@@ -35,7 +44,8 @@ class CommonOptions:
 
 @dataclass(frozen=True)
 class BuildContext:
-    """What a solver function receives: the spec, NFE, spacing, guidance and helpers for grids and builders."""
+    """What a solver function receives: the spec, NFE, spacing, guidance and helpers for grids and
+    builders."""
 
     name: str
     spec: ModelSpec
@@ -83,10 +93,15 @@ def _default_spacing(spec: ModelSpec) -> str:
     return "linspace"
 
 
-def register(name: str, options: type = CommonOptions, *, stochastic: "bool | Callable[[Any], bool]" = False,
-             order: "int | Callable[[Any], int | None] | None" = None,
-             diffusers: Callable[[Any, Spacing], tuple[str, dict]] | None = None,
-             default_spacing: Callable[[ModelSpec], str] = _default_spacing):
+def register(
+    name: str,
+    options: type = CommonOptions,
+    *,
+    stochastic: "bool | Callable[[Any], bool]" = False,
+    order: "int | Callable[[Any], int | None] | None" = None,
+    diffusers: Callable[[Any, Spacing], tuple[str, dict]] | None = None,
+    default_spacing: Callable[[ModelSpec], str] = _default_spacing,
+):
     """Decorator: ``@register("dpmpp_2m", DPMOptions, order=lambda o: o.order)`` on
     ``fn(ctx: BuildContext, opts) -> StepProgram``.
 
@@ -122,7 +137,8 @@ def get(name: str) -> SolverInfo:
 
 
 def spacing_from_diffusers(cfg: dict) -> Spacing | None:
-    """The spacing a diffusers scheduler config asks for (karras / exponential / beta flags, timestep_spacing)."""
+    """The spacing a diffusers scheduler config asks for (karras / exponential / beta flags,
+    timestep_spacing)."""
     if cfg.get("use_karras_sigmas"):
         return Spacing("karras")
     if cfg.get("use_exponential_sigmas"):
@@ -137,14 +153,21 @@ def spacing_from_diffusers(cfg: dict) -> Spacing | None:
     return None
 
 
-def build(name: str, spec: ModelSpec, nfe: int, spacing: "str | Spacing | Sequence[float] | None" = None, *,
-          guidance_scale: float | None = None, **options: Any) -> StepProgram:
+def build(
+    name: str,
+    spec: ModelSpec,
+    nfe: int,
+    spacing: "str | Spacing | Sequence[float] | None" = None,
+    *,
+    guidance_scale: float | None = None,
+    **options: Any,
+) -> StepProgram:
     """Build solver ``name`` for ``spec`` with ``nfe`` network calls as a float64 StepProgram.
 
-    spacing: a name from ``fs.solvers.SPACINGS``, a :class:`Spacing`, an explicit decreasing list of timesteps,
-    or None (the spec's diffusers config if it has one, else the solver's default).  guidance_scale: None (no
-    classifier-free guidance) or a finite w >= 0; the network is then called on [uncond; cond] halves.
-    options: the solver's options dataclass fields (``fs.solvers.get(name).options``).
+    spacing: a name from ``fs.solvers.SPACINGS``, a :class:`Spacing`, an explicit decreasing list of
+    timesteps, or None (the spec's diffusers config if it has one, else the solver's default).
+    guidance_scale: None (no classifier-free guidance) or a finite w >= 0; the network is then called on
+    [uncond; cond] halves. options: the solver's options dataclass fields (``fs.solvers.get(name).options``).
     """
     info = get(name)
     if not isinstance(spec, ModelSpec):
@@ -178,22 +201,32 @@ def build(name: str, spec: ModelSpec, nfe: int, spacing: "str | Spacing | Sequen
 
 
 def diffusers_base_config(spec: ModelSpec, spacing: Spacing) -> dict:
-    """The diffusers scheduler config keys that describe ``spec`` and ``spacing`` (schedule, prediction, grid)."""
+    """The diffusers scheduler config keys that describe ``spec`` and ``spacing`` (schedule, prediction,
+    grid)."""
     from .schedules import DiscreteVP, Flow
 
     sched = spec.schedule
     cfg: dict = {}
     if isinstance(sched, DiscreteVP):
-        cfg.update(num_train_timesteps=sched.num_train_timesteps, beta_start=sched.beta_start,
-                   beta_end=sched.beta_end, beta_schedule=sched.beta_schedule,
-                   rescale_betas_zero_snr=sched.rescale_zero_terminal_snr, prediction_type=spec.prediction)
+        cfg.update(
+            num_train_timesteps=sched.num_train_timesteps,
+            beta_start=sched.beta_start,
+            beta_end=sched.beta_end,
+            beta_schedule=sched.beta_schedule,
+            rescale_betas_zero_snr=sched.rescale_zero_terminal_snr,
+            prediction_type=spec.prediction,
+        )
         if sched.trained_betas is not None:
             cfg["trained_betas"] = list(sched.trained_betas)
     elif isinstance(sched, Flow):
         cfg.update(num_train_timesteps=sched.num_train_timesteps, shift=sched.shift)
     else:
-        cfg.update(sigma_min=sched.sigma_min, sigma_max=sched.sigma_max, sigma_data=sched.sigma_data,
-                   prediction_type=spec.prediction)
+        cfg.update(
+            sigma_min=sched.sigma_min,
+            sigma_max=sched.sigma_max,
+            sigma_data=sched.sigma_data,
+            prediction_type=spec.prediction,
+        )
     if spacing.name in ("linspace", "leading", "trailing"):
         cfg.update(timestep_spacing=spacing.name, steps_offset=spacing.steps_offset)
     elif spacing.name in ("karras", "exponential", "beta"):
@@ -228,17 +261,23 @@ def to_diffusers(name: str, spec: ModelSpec, spacing: "str | Spacing | None" = N
     # keys that carry meaning for this program must be taken, never silently dropped: the solver's own
     # overrides, the spacing flags and the flow mapping (schedule keys a class lacks are simply not its own)
     if sp.name in ("ays", "sigmas", "timesteps"):
-        raise ValueError(f"{cls_name} has no config for spacing {sp.name!r} (diffusers takes it as "
-                         f"set_timesteps(timesteps=... / sigmas=...))")
-    needed = {k for k in overrides if k in cfg} | {k for k in cfg if k.startswith("use_") or k in ("timestep_spacing", "flow_shift")}
+        raise ValueError(
+            f"{cls_name} has no config for spacing {sp.name!r} (diffusers takes it as "
+            f"set_timesteps(timesteps=... / sigmas=...))"
+        )
+    needed = {k for k in overrides if k in cfg} | {
+        k for k in cfg if k.startswith("use_") or k in ("timestep_spacing", "flow_shift")
+    }
     if spec.schedule.kind == "vp":
         needed |= {k for k in ("rescale_betas_zero_snr", "trained_betas") if cfg.get(k)}
     if cfg.get("timestep_spacing") == "linspace" and not cfg.get("steps_offset"):
         needed.discard("timestep_spacing")  # a class without the key (DPMSolverSinglestep) spaces linearly
     dropped = sorted(k for k in needed if k not in params and cfg.get(k) not in (None, False))
     if dropped:
-        raise ValueError(f"{cls_name} takes no {dropped}: no diffusers equivalent of {name} with "
-                         f"spacing {sp.name!r} on {spec.describe()}")
+        raise ValueError(
+            f"{cls_name} takes no {dropped}: no diffusers equivalent of {name} with "
+            f"spacing {sp.name!r} on {spec.describe()}"
+        )
     return cls(**{k: v for k, v in cfg.items() if k in params})
 
 

@@ -4,10 +4,11 @@ Every schedule describes the forward process ``x_t = alpha_t * x0 + sigma_t * ep
 schedule's own time variable; they work on :class:`Point` objects, which carry ``alpha``, ``sigma`` and the
 value handed to the network (``model_time``).
 
-* :class:`DiscreteVP` -- DDPM-style discrete schedules (``alpha^2 + sigma^2 = 1``); time is the training timestep
-  ``0 .. T-1`` and the network receives it.  Tables are built in float32 exactly as diffusers builds them and then
-  promoted to float64, so grids agree with diffusers' to the last bit of the table.
-* :class:`EDM` -- variance-exploding ``x = x0 + sigma * eps`` (Karras et al. 2022); the network receives sigma.
+* :class:`DiscreteVP` -- DDPM-style discrete schedules (``alpha^2 + sigma^2 = 1``); time is the training
+  timestep ``0 .. T-1`` and the network receives it.  Tables are built in float32 exactly as diffusers builds
+  them and then promoted to float64, so grids agree with diffusers' to the last bit of the table.
+* :class:`EDM` -- variance-exploding ``x = x0 + sigma * eps`` (Karras et al. 2022); the network receives
+  sigma.
 * :class:`Flow` -- rectified flow ``x = (1 - t) x0 + t eps``; the network receives ``t * num_train_timesteps``
   (diffusers' convention for SD3 / Flux).
 """
@@ -25,7 +26,8 @@ __all__ = ["Point", "DiscreteVP", "EDM", "Flow", "Schedule"]
 
 @dataclass(frozen=True)
 class Point:
-    """One point on the noise path: ``x = alpha * x0 + sigma * eps``; ``model_time`` is what the network sees."""
+    """One point on the noise path: ``x = alpha * x0 + sigma * eps``; ``model_time`` is what the network
+    sees."""
 
     alpha: float
     sigma: float
@@ -89,9 +91,9 @@ class DiscreteVP:
     def alphas_cumprod(self) -> np.ndarray:
         """``alpha_bar_t`` for t = 0 .. T-1, computed in float32 as diffusers does, returned as float64.
 
-        With ``rescale_zero_terminal_snr`` the last entry is 2**-24 rather than 0, as in diffusers' sigma-space
-        schedulers (DPM-Solver, UniPC, Euler), so sigma stays finite; :attr:`alphas_cumprod_exact` keeps the 0
-        that alpha-space schedulers (DDIM, LCM, TCD) use.
+        With ``rescale_zero_terminal_snr`` the last entry is 2**-24 rather than 0, as in diffusers'
+        sigma-space schedulers (DPM-Solver, UniPC, Euler), so sigma stays finite; :attr:`alphas_cumprod_exact`
+        keeps the 0 that alpha-space schedulers (DDIM, LCM, TCD) use.
         """
         ac = self.alphas_cumprod_exact.copy()
         if self.rescale_zero_terminal_snr:
@@ -127,7 +129,7 @@ class DiscreteVP:
         return np.log(self.sigmas_tilde)
 
     def point_at_timestep(self, t: float, model_time: float | None = None) -> Point:
-        """Point at a (possibly fractional) timestep; sigma_tilde is linearly interpolated, as diffusers does."""
+        """Point at a (possibly fractional) timestep; sigma_tilde interpolated linearly, as diffusers does."""
         st = float(np.interp(t, np.arange(self.num_train_timesteps), self.sigmas_tilde))
         return self.point_at_sigma(st, t if model_time is None else model_time)
 
@@ -174,7 +176,7 @@ def _rescale_zero_terminal_snr(betas):
 
 @dataclass(frozen=True)
 class EDM:
-    """Variance-exploding schedule of Karras et al. 2022: ``x = x0 + sigma * eps``; the network receives sigma."""
+    """Variance-exploding schedule (Karras et al. 2022): ``x = x0 + sigma * eps``; the network gets sigma."""
 
     sigma_min: float = 0.002
     sigma_max: float = 80.0
@@ -185,7 +187,9 @@ class EDM:
 
     def __post_init__(self):
         if not (0 < self.sigma_min < self.sigma_max) or not math.isfinite(self.sigma_max):
-            raise ValueError(f"EDM needs 0 < sigma_min < sigma_max < inf, got {self.sigma_min}, {self.sigma_max}")
+            raise ValueError(
+                f"EDM needs 0 < sigma_min < sigma_max < inf, got {self.sigma_min}, {self.sigma_max}"
+            )
         if not self.sigma_data > 0:
             raise ValueError(f"EDM sigma_data must be > 0, got {self.sigma_data}")
 

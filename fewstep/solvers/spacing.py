@@ -17,19 +17,40 @@ schedules use ``flow`` (the shifted linear grid of SD3 / Flux); EDM schedules de
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
 from .schedules import EDM, DiscreteVP, Flow, Point
 from .spec import ModelSpec
 
-__all__ = ["Spacing", "Grid", "SPACINGS", "make_grid", "karras_sigmas", "exponential_sigmas", "beta_sigmas",
-           "ays_sigmas", "AYS_TABLES", "as_spacing", "loglinear_interp"]
+__all__ = [
+    "Spacing",
+    "Grid",
+    "SPACINGS",
+    "make_grid",
+    "karras_sigmas",
+    "exponential_sigmas",
+    "beta_sigmas",
+    "ays_sigmas",
+    "AYS_TABLES",
+    "as_spacing",
+    "loglinear_interp",
+]
 
-SPACINGS = ("linspace", "leading", "trailing", "karras", "exponential", "beta", "ays", "flow", "timesteps",
-            "sigmas")
+SPACINGS = (
+    "linspace",
+    "leading",
+    "trailing",
+    "karras",
+    "exponential",
+    "beta",
+    "ays",
+    "flow",
+    "timesteps",
+    "sigmas",
+)
 _TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 _SIGMA_SPACINGS = ("karras", "exponential", "beta", "ays")
 _VALID = {
@@ -93,7 +114,9 @@ def as_spacing(spacing: "str | Spacing | Sequence[float]", spec: ModelSpec) -> S
     elif isinstance(spacing, (list, tuple, np.ndarray)):
         sp = Spacing("timesteps", values=tuple(spacing))
     else:
-        raise TypeError(f"spacing must be a name, a Spacing or a list of timesteps, got {type(spacing).__name__}")
+        raise TypeError(
+            f"spacing must be a name, a Spacing or a list of timesteps, got {type(spacing).__name__}"
+        )
     kind = spec.schedule.kind
     if sp.name not in _VALID[kind]:
         raise ValueError(
@@ -105,7 +128,8 @@ def as_spacing(spacing: "str | Spacing | Sequence[float]", spec: ModelSpec) -> S
 
 @dataclass(frozen=True)
 class Grid:
-    """``points[0..n]``: the sampler steps from ``points[i]`` to ``points[i + 1]``; ``points[n]`` is the end."""
+    """``points[0..n]``: the sampler steps from ``points[i]`` to ``points[i + 1]``; ``points[n]`` is the
+    end."""
 
     points: tuple[Point, ...]
     meta: dict = field(default_factory=dict, compare=False)
@@ -172,8 +196,9 @@ def _sigma_spacing(sp: Spacing, smin: float, smax: float, n: int) -> np.ndarray:
 
 
 # -- grids ------------------------------------------------------------------------------------------------
-def make_grid(spec: ModelSpec, spacing: Spacing, n: int, *, family: str = "multistep",
-              final: str = "zero") -> Grid:
+def make_grid(
+    spec: ModelSpec, spacing: Spacing, n: int, *, family: str = "multistep", final: str = "zero"
+) -> Grid:
     """Build a grid of ``n`` steps (``n + 1`` points) for ``spec``.
 
     family: "multistep" or "euler" (see the module docstring); final: "zero" (end at sigma = 0) or
@@ -213,15 +238,16 @@ def _vp_timesteps(sched: DiscreteVP, sp: Spacing, n: int, family: str) -> np.nda
 
 
 def _vp_grid(spec, sched: DiscreteVP, sp: Spacing, n: int, family: str, final: str) -> Grid:
-    # multistep family: diffusers' float32 sigma table, so even a zero-length last step (karras + sigma_min) is
-    # exactly zero-length, as SDE noise ~ sqrt(h) would show a one-ulp difference
+    # multistep family: diffusers' float32 sigma table, so even a zero-length last step (karras + sigma_min)
+    # is exactly zero-length, as SDE noise ~ sqrt(h) would show a one-ulp difference
     table = _f32_sigmas(sched).astype(np.float64) if family == "multistep" else sched.sigmas_tilde
     sigma_last = 0.0 if final == "zero" else float(table[0])
     if sp.name in _TIMESTEP_SPACINGS:
         ts = _vp_timesteps(sched, sp, n, family)
         if ts.max() > sched.num_train_timesteps - 1 or ts.min() < 0:
             raise ValueError(
-                f"{sp.name} spacing with steps_offset={sp.steps_offset} gives timesteps {ts.tolist()} outside "
+                f"{sp.name} spacing with steps_offset={sp.steps_offset} gives timesteps {ts.tolist()} "
+                f"outside "
                 f"[0, {sched.num_train_timesteps - 1}]"
             )
         sig = np.interp(ts, np.arange(len(table)), table)
@@ -236,7 +262,9 @@ def _vp_grid(spec, sched: DiscreteVP, sp: Spacing, n: int, family: str, final: s
         if sp.name == "sigmas":
             vals = np.array(sp.values, dtype=np.float64)
             if len(vals) != n + 1:
-                raise ValueError(f"{len(vals)} explicit sigmas given; {n} steps need {n + 1} (the last is the end)")
+                raise ValueError(
+                    f"{len(vals)} explicit sigmas given; {n} steps need {n + 1} (the last is the end)"
+                )
             sig, sigma_last = vals[:-1], float(vals[-1])
         elif sp.name == "ays":
             vals = ays_sigmas(sp.ays, n)
@@ -271,7 +299,7 @@ def _f32_sigmas(sched: DiscreteVP) -> np.ndarray:
 
 
 def _f32_sigma_to_t(sched: DiscreteVP, sig: np.ndarray) -> np.ndarray:
-    """diffusers' ``_sigma_to_t`` with its float32 log-sigma table, bit for bit (needed where t is truncated)."""
+    """diffusers' ``_sigma_to_t`` on its float32 log-sigma table, bit for bit (needed where t is cut)."""
     log_sigmas = np.log(_f32_sigmas(sched))
     log_sigma = np.log(np.maximum(np.asarray(sig, dtype=np.float64), 1e-10))
     dists = log_sigma - log_sigmas[:, np.newaxis]
@@ -285,7 +313,9 @@ def _edm_grid(sched: EDM, sp: Spacing, n: int, final: str) -> Grid:
     if sp.name == "sigmas":
         vals = np.array(sp.values, dtype=np.float64)
         if len(vals) != n + 1:
-            raise ValueError(f"{len(vals)} explicit sigmas given; {n} steps need {n + 1} (the last is the end)")
+            raise ValueError(
+                f"{len(vals)} explicit sigmas given; {n} steps need {n + 1} (the last is the end)"
+            )
     elif sp.name == "ays":
         vals = ays_sigmas(sp.ays, n)
     else:
@@ -309,7 +339,9 @@ def _flow_grid(sched: Flow, sp: Spacing, n: int, final: str) -> Grid:
     elif sp.name == "sigmas":
         vals = np.array(sp.values, dtype=np.float64)
         if len(vals) != n + 1:
-            raise ValueError(f"{len(vals)} explicit sigmas given; {n} steps need {n + 1} (the last is the end)")
+            raise ValueError(
+                f"{len(vals)} explicit sigmas given; {n} steps need {n + 1} (the last is the end)"
+            )
         return Grid(tuple(sched.point_at_t(float(t)) for t in vals), {"spacing": sp.name})
     else:
         raw = np.linspace(1.0, 1.0 / T, n)

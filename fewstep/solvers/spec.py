@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .schedules import EDM, DiscreteVP, Flow, Point, Schedule
 
@@ -72,8 +73,9 @@ class ModelSpec:
         if self.prediction == "epsilon":
             if a == 0:
                 raise ValueError(
-                    "an epsilon-prediction network gives no x0 estimate at alpha = 0 (pure noise, e.g. t = 1 of a "
-                    "flow schedule or a zero-terminal-SNR endpoint); start the grid below it or use a v / flow model"
+                    "an epsilon-prediction network gives no x0 estimate at alpha = 0 (pure noise, e.g. "
+                    "t = 1 of a flow schedule or a zero-terminal-SNR endpoint); start the grid below it or "
+                    "use a v / flow model"
                 )
             return 1.0 / a, -s / a
         if self.prediction == "sample":
@@ -103,7 +105,7 @@ class ModelSpec:
         """Read schedule and prediction type from any diffusers scheduler config (dict or FrozenDict; a
         scheduler object is accepted too).  In-memory configs carry no ``_class_name``, so the family is read
         from the keys: ``shift`` without betas is a flow-matching schedule, ``sigma_data`` an EDM one."""
-        if hasattr(cfg, "config") and isinstance(getattr(cfg, "config"), Mapping):
+        if hasattr(cfg, "config") and isinstance(cfg.config, Mapping):
             cfg = dict(cfg.config, _class_name=type(cfg).__name__)
         if not isinstance(cfg, Mapping):
             raise TypeError(f"expected a diffusers scheduler config (a mapping), got {type(cfg).__name__}")
@@ -117,7 +119,9 @@ class ModelSpec:
             shift = float(cfg.get("shift", cfg.get("flow_shift", 1.0)))
             return cls(Flow(shift=shift, mu=mu, num_train_timesteps=n_train), "flow", "t", cfg)
         if pred == "flow":  # DPM-Solver / UniPC with use_flow_sigmas
-            return cls(Flow(shift=float(cfg.get("flow_shift", 1.0)), num_train_timesteps=n_train), "flow", "t", cfg)
+            return cls(
+                Flow(shift=float(cfg.get("flow_shift", 1.0)), num_train_timesteps=n_train), "flow", "t", cfg
+            )
         if name.startswith("EDM") or ("sigma_data" in cfg and "beta_start" not in cfg):
             sched = EDM(
                 sigma_min=float(cfg.get("sigma_min", 0.002)),

@@ -45,7 +45,10 @@ def test_conversions_invert_the_forward_process(pred):
     spec = fs.ModelSpec(fs.schedules.DiscreteVP(), pred)
     p = spec.schedule.point_at_timestep(321)
     g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(10, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
+    x0, eps = (
+        torch.randn(10, generator=g, dtype=torch.float64),
+        torch.randn(10, generator=g, dtype=torch.float64),
+    )
     x = p.alpha * x0 + p.sigma * eps
     out = {"epsilon": eps, "sample": x0, "v_prediction": p.alpha * eps - p.sigma * x0}[pred]
     cx, co = spec.x0_coeffs(p)
@@ -88,9 +91,17 @@ def test_ays_tables_and_loglinear_interpolation():
     assert np.allclose(np.log(s19[:-1][::2]), np.log(AysSchedules["StableDiffusionSigmas"][:-1]), atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
-                                  "UniPCMultistepScheduler", "FlowMatchEulerDiscreteScheduler",
-                                  "EDMEulerScheduler"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "DDIMScheduler",
+        "EulerDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+        "UniPCMultistepScheduler",
+        "FlowMatchEulerDiscreteScheduler",
+        "EDMEulerScheduler",
+    ],
+)
 def test_spec_from_any_diffusers_config(name):
     sch = getattr(diffusers, name)()
     spec = fs.ModelSpec.from_diffusers_scheduler_config(sch.config)

@@ -11,7 +11,9 @@ from .harness import diffusers_sample, rel_err, toy_model
 pytest.importorskip("diffusers")
 
 VP = fs.ModelSpec(fs.schedules.DiscreteVP(), "epsilon")
-VPV = fs.ModelSpec(fs.schedules.DiscreteVP(beta_schedule="linear", beta_start=1e-4, beta_end=0.02), "v_prediction")
+VPV = fs.ModelSpec(
+    fs.schedules.DiscreteVP(beta_schedule="linear", beta_start=1e-4, beta_end=0.02), "v_prediction"
+)
 FLOW = fs.ModelSpec(fs.schedules.Flow(shift=3.0), "flow")
 STOCHASTIC_NOISE_HOOK = ("dpmpp_2m_sde", "dpmpp_3m_sde")  # take variance_noise in step()
 
@@ -40,11 +42,17 @@ def test_declared_equivalent_matches(name, spec):
     if name == "deis":
         opts = {"final": "sigma_min"}  # DEIS in diffusers always ends at sigma_min
     if name == "dpmpp_3m_sde":
-        pytest.skip("diffusers' third-order SDE weight is wrong; the parity suite compares against a fixed subclass")
+        pytest.skip(
+            "diffusers' third-order SDE weight is wrong; the parity suite compares against a fixed subclass"
+        )
     if name == "tcd" or name == "cm":
-        pytest.skip(f"{name}: gamma / train_steps live outside the scheduler config (tested in its parity suite)")
+        pytest.skip(
+            f"{name}: gamma / train_steps live outside the scheduler config (tested in its parity suite)"
+        )
     if info.is_stochastic(info.options(**opts)) and name not in STOCHASTIC_NOISE_HOOK:
-        pytest.skip(f"{name}: noise drawn inside diffusers' step (tested with patched noise in its parity suite)")
+        pytest.skip(
+            f"{name}: noise drawn inside diffusers' step (tested with patched noise in its parity suite)"
+        )
     try:
         sch = fs.solvers.to_diffusers(name, spec, **opts)
     except ValueError as e:
@@ -53,8 +61,11 @@ def test_declared_equivalent_matches(name, spec):
     prog = fs.solvers.build(name, spec, nfe, **opts)
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64)
-    zs = [torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(nfe)] \
-        if prog.stochastic else None
+    zs = (
+        [torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(nfe)]
+        if prog.stochastic
+        else None
+    )
     ref, _ = diffusers_sample(sch, toy_model, noise, _steps(name, nfe), step_noise=zs)
     ours = fs.solvers.run_reference(prog, toy_model, noise, step_noise=zs)
     assert rel_err(ours, ref) <= 1e-5

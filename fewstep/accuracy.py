@@ -258,8 +258,8 @@ def accuracy_table(spec: ModelSpec | None = None, nfes: Sequence[int] = NFES, *,
     if not nfes or any(n < 1 for n in nfes):
         raise ValueError(f"NFE values must be >= 1, got {nfes}")
     known = deterministic_solvers()
-    if solvers is None:
-        solvers = known
+    if solvers is None:  # by default, only the solvers that run on this schedule (flow_* need a Flow spec)
+        solvers = [s for s in known if _runs_on(s, spec, nfes)]
     else:
         bad = [s for s in solvers if s not in known]
         if bad:
@@ -305,6 +305,16 @@ def accuracy_table(spec: ModelSpec | None = None, nfes: Sequence[int] = NFES, *,
         say(f"[{i + 1}/{len(solvers)}] {name}: best spacing {row.spacing} of {len(cands)} "
             f"({time.perf_counter() - ts:.1f}s)")
     return Table(spec, nfes, rows, gmm, noise, ok, reason, time.perf_counter() - t0)
+
+
+def _runs_on(name: str, spec, nfes) -> bool:
+    for n in nfes:
+        try:
+            S.build(name, spec, n)
+            return True
+        except ValueError:
+            continue
+    return False
 
 
 # -- output --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .program import ProgramBuilder, StepProgram
-from .spacing import Grid, Spacing, as_spacing, make_grid
+from .spacing import Grid, Spacing, as_spacing, make_grid, valid_spacings
 from .spec import ModelSpec
 
 __all__ = [
@@ -181,11 +181,17 @@ def build(
         if not math.isfinite(g) or g < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0 (or None), got {guidance_scale}")
         guidance_scale = g
-    if spacing is None:
-        sp = spacing_from_diffusers(dict(spec.diffusers_config)) if spec.diffusers_config else None
-        if sp is not None and sp.name not in ("flow",) and spec.schedule.kind == "flow" and sp.name != "flow":
+    if spacing is None:  # the spec's diffusers config decides where it has a say, else the solver's default
+        cfg = dict(spec.diffusers_config or {})
+        sp = spacing_from_diffusers(cfg) if cfg else None
+        if sp is not None and sp.name not in valid_spacings(spec):
             sp = None
-        sp = as_spacing(sp if sp is not None else info.default_spacing(spec), spec)
+        if sp is None:
+            # old configs (SD1.5's) carry steps_offset without timestep_spacing: keep it for 'leading'
+            default = info.default_spacing(spec)
+            offset = int(cfg.get("steps_offset", 0) or 0)
+            sp = Spacing(default, steps_offset=offset) if default == "leading" else default
+        sp = as_spacing(sp, spec)
     else:
         sp = as_spacing(spacing, spec)
     fields = {f.name for f in dataclasses.fields(info.options)}

@@ -101,6 +101,11 @@ class Spacing:
             raise ValueError(f"steps_offset must be >= 0, got {self.steps_offset}")
 
 
+def valid_spacings(spec: ModelSpec) -> tuple[str, ...]:
+    """The spacing names that make sense for ``spec``'s schedule."""
+    return _VALID[spec.schedule.kind]
+
+
 def as_spacing(spacing: "str | Spacing | Sequence[float]", spec: ModelSpec) -> Spacing:
     """Normalize ``spacing`` (a name, a Spacing, or an explicit decreasing list of timesteps) for ``spec``."""
     if isinstance(spacing, Spacing):

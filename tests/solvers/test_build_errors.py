@@ -86,3 +86,17 @@ def test_every_registered_solver_builds_and_is_finite():
         assert prog.nfe == nfe
         for st in prog.stages:
             assert all(math.isfinite(c) for c in st.matrix.ravel()), name
+
+
+def test_spacing_defaults_follow_the_diffusers_config():
+    diffusers = pytest.importorskip("diffusers")
+    # an SD1.5-era DDIM config: steps_offset=1 and no timestep_spacing key -> DDIM's leading grid, offset kept
+    cfg = dict(diffusers.DDIMScheduler(steps_offset=1).config)
+    cfg.pop("timestep_spacing")
+    spec = fs.ModelSpec.from_diffusers_scheduler_config(cfg)
+    prog = fs.solvers.build("ddim", spec, 4)
+    assert prog.timesteps == tuple(float(t) for t in (751, 501, 251, 1))
+    # a flow-matching config asking for karras sigmas gets karras, not the default flow grid
+    flow = fs.ModelSpec.from_diffusers_scheduler_config(
+        diffusers.FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True, shift=3.0))
+    assert fs.solvers.build("flow_euler", flow, 4).options["spacing"] == "karras"

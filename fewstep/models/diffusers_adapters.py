@@ -50,8 +50,9 @@ rectified flow with resolution-dependent shift (FLUX.1-dev) if the model has ``g
 **Timestep grids.**  DiT / UNet pipelines use the scheduler's own grid, which ``fs.solvers.build`` reproduces
 from the spec (``fn.pipeline_spacing`` is None).  Flow pipelines depend on more than the spec: Flux samples
 ``linspace(1, 1/n, n)`` shifted by a ``mu`` that depends on the image size, dynamically shifted SD3 a ``mu``
-too, and FlowMatchEulerDiscreteScheduler shifts a static-shift grid twice (the ``flow_*`` solvers know that,
-generic ones do not).  ``fn.pipeline_spacing(nfe, shape)`` returns the pipeline's grid for latents of
+too.  (A static shift needs nothing: the "flow" spacing is FlowMatchEulerDiscreteScheduler's grid for the
+Euler family; the multistep family follows its schedulers' use_flow_sigmas grids, which differ.)
+``fn.pipeline_spacing(nfe, shape)`` returns the pipeline's grid for latents of
 ``shape`` as an explicit ``Spacing("sigmas", ...)`` to pass to ``build``: any solver then visits the
 pipeline's sigmas.
 """

@@ -331,16 +331,20 @@ def _edm_grid(sched: EDM, sp: Spacing, n: int, final: str) -> Grid:
 
 
 def _flow_grid(sched: Flow, sp: Spacing, n: int, final: str) -> Grid:
+    """FlowMatchEulerDiscreteScheduler.set_timesteps(n) (what SD3 / Flux pipelines run).
+
+    With a static ``shift`` the scheduler's float32 sigma table is already shifted when set_timesteps spaces
+    ``linspace(max, min)`` and shifts again, so the last sigma is ``shift(shift(1 / T))``, not
+    ``shift(1 / T)``; with dynamic shifting (``Flow(mu=...)``) the table is unshifted and ``mu`` is applied
+    once.  karras / exponential / beta respace that range.
+    """
+    import torch
+
     T = sched.num_train_timesteps
-    if sp.name in ("flow", "linspace"):
-        # diffusers FlowMatchEulerDiscrete: timesteps linspace(1, 1/T) * T, shifted
-        raw = np.linspace(1.0, 1.0 / T, n)
-        ts = np.array([sched.shift_t(float(t)) for t in raw])
-    elif sp.name == "timesteps":
-        vals = np.array(sp.values) / T
-        if len(vals) != n:
-            raise ValueError(f"{len(vals)} explicit timesteps given for {n} steps")
-        ts = vals
+    if sp.name == "timesteps":
+        ts = np.array(sp.values) / T
+        if len(ts) != n:
+            raise ValueError(f"{len(ts)} explicit timesteps given for {n} steps")
     elif sp.name == "sigmas":
         vals = np.array(sp.values, dtype=np.float64)
         if len(vals) != n + 1:
@@ -349,12 +353,22 @@ def _flow_grid(sched: Flow, sp: Spacing, n: int, final: str) -> Grid:
             )
         return Grid(tuple(sched.point_at_t(float(t)) for t in vals), {"spacing": sp.name})
     else:
-        raw = np.linspace(1.0, 1.0 / T, n)
-        shifted = np.array([sched.shift_t(float(t)) for t in raw])
-        smin, smax = float(shifted[-1]), float(shifted[0])
-        ts = _sigma_spacing(sp, smin, smax, n)
+        table = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T
+        if sched.mu is None:
+            table = _flow_shift(sched, table)
+        t_max, t_min = table[0].item(), table[-1].item()
+        ts = _flow_shift(sched, np.linspace(t_max * T, t_min * T, n) / T)
+        if sp.name not in ("flow", "linspace"):
+            ts = _sigma_spacing(sp, float(ts[-1]), float(ts[0]), n)
     if np.any(ts > 1) or np.any(ts <= 0):
         raise ValueError(f"flow times must lie in (0, 1], got {ts.tolist()}")
     last = 0.0 if final == "zero" else 1.0 / T
     vals = np.concatenate([ts, [last]]).astype(np.float32).astype(np.float64)
-    return Grid(tuple(sched.point_at_t(float(t)) for t in vals), {"spacing": sp.name})
+    return Grid(tuple(sched.point_at_t(float(t)) for t in vals), {"spacing": sp.name, "family": "flow"})
+
+
+def _flow_shift(sched: Flow, t):
+    """The time shift on arrays or tensors, with diffusers' operation order (float32 tables stay float32)."""
+    if sched.mu is not None:
+        return math.exp(sched.mu) / (math.exp(sched.mu) + (1.0 / t - 1.0))
+    return sched.shift * t / (1.0 + (sched.shift - 1.0) * t)

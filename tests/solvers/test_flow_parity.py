@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -148,3 +149,14 @@ def test_flow_epsilon_prediction_at_pure_noise_is_a_clear_error(name):
 def test_flow_heun_even_nfe_is_a_clear_error():
     with pytest.raises(ValueError, match=r"nfe must be odd"):
         fs.solvers.build("flow_heun", fs.ModelSpec(Flow(shift=3.0), "flow"), 4)
+
+
+def test_flow_spacing_is_one_grid_for_every_euler_family_solver():
+    """spacing.py's 'flow' grid is FlowMatchEuler's: euler on a Flow spec is flow_euler, step for step."""
+    for shift, mu in ((3.0, None), (1.0, 0.7)):
+        spec = fs.ModelSpec(fs.schedules.Flow(shift=shift, mu=mu), "flow")
+        a, b = fs.solvers.build("euler", spec, 6, "flow"), fs.solvers.build("flow_euler", spec, 6, "flow")
+        assert a.timesteps == b.timesteps and a.sigmas == b.sigmas
+        for sa, sb in zip(a.stages, b.stages):
+            assert (sa.inputs, sa.outputs) == (sb.inputs, sb.outputs)
+            assert np.allclose(sa.matrix, sb.matrix, rtol=1e-12, atol=0)

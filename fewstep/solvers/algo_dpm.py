@@ -10,7 +10,8 @@ The SDE updates are the ODE ones with ``g = 2 h`` in the exponential integrators
 the ``g = 2 h`` analogue of the ODE update's weight and k-diffusion's ``sample_dpmpp_3m_sde``
 (tests/solvers/test_dpm_parity.py patches diffusers the same way).  The third-order multistep D2 weight itself
 (diffusers, k-diffusion and the reference code alike) is half the Taylor coefficient (D2 ~ h^2 x0'' / 2), so
-dpmpp_3m is globally second order; we keep the published update for parity.
+dpmpp_3m is globally second order; we keep the published update by default for parity, and
+``taylor_d2=True`` gives the Taylor-consistent weight (measured third order on the Gaussian-mixture oracle).
 """
 
 from __future__ import annotations
@@ -30,14 +31,7 @@ _SOLVER_TYPES = ("midpoint", "heun")
 
 
 @dataclass(frozen=True)
-class DPMOptions(CommonOptions):
-    """order: 1, 2 or 3 (the history length); solver_type: "midpoint" or "heun" (the second-order variant).
-
-    Order schedule as diffusers: step i uses order min(order, i + 1); the last step is first order when
-    euler_at_final, when final="zero", or when lower_order_final and nfe < 15; the step before it is at most
-    second order when lower_order_final and nfe < 15.
-    """
-
+class _DPMBase(CommonOptions):
     order: int = 2
     solver_type: str = "midpoint"
 
@@ -50,6 +44,20 @@ class DPMOptions(CommonOptions):
 
 
 @dataclass(frozen=True)
+class DPMOptions(_DPMBase):
+    """order: 1, 2 or 3 (the history length); solver_type: "midpoint" or "heun" (the second-order variant).
+    taylor_d2: give the third-order update's second divided difference its Taylor weight (twice the published
+    one), which makes order 3 really third order; no diffusers equivalent, ODE updates only.
+
+    Order schedule as diffusers: step i uses order min(order, i + 1); the last step is first order when
+    euler_at_final, when final="zero", or when lower_order_final and nfe < 15; the step before it is at most
+    second order when lower_order_final and nfe < 15.
+    """
+
+    taylor_d2: bool = False
+
+
+@dataclass(frozen=True)
 class DPM3Options(DPMOptions):
     """DPMOptions with order 3 by default (dpmpp_3m, dpmpp_3m_sde)."""
 
@@ -57,7 +65,7 @@ class DPM3Options(DPMOptions):
 
 
 @dataclass(frozen=True)
-class DPMSinglestepOptions(DPMOptions):
+class DPMSinglestepOptions(_DPMBase):
     """order: 1, 2 or 3; solver_type: "midpoint" or "heun".
 
     Order schedule as diffusers' DPMSolverSinglestepScheduler: blocks of orders 1, 2, .., order; with
@@ -147,6 +155,8 @@ def multistep_orders(n: int, o: DPMOptions) -> list[int]:
 
 
 def _multistep(ctx: BuildContext, o: DPMOptions, sde: bool):
+    if sde and o.taylor_d2:
+        raise ValueError(f"{ctx.name}: taylor_d2 is derived for the ODE update only (dpmpp_2m / dpmpp_3m)")
     grid = dpm_grid(ctx, o.final)
     pts, n = grid.points, grid.n
     orders = multistep_orders(n, o)
@@ -174,7 +184,9 @@ def _multistep(ctx: BuildContext, o: DPMOptions, sde: bool):
             r0, r1 = _ratio(s0.lam - s1.lam, h), _ratio(s1.lam - s2.lam, h)
             d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
             d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-            d2 = (d1_0 - d1_1) / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)  # ~ h^2 x0'' / 2, while the weight w2 multiplies h^2 x0''
+            if o.taylor_d2:
+                d2 = 2.0 * d2
             x = _dpmpp_step(b, out.x, s0, t, m0, d1, d2, sde=sde)
         hist = [m0] + hist
     return b.finish(x)
@@ -182,6 +194,8 @@ def _multistep(ctx: BuildContext, o: DPMOptions, sde: bool):
 
 def _multistep_diffusers(sde: bool):
     def fn(o: DPMOptions, spacing) -> tuple[str, dict]:
+        if o.taylor_d2 and o.order == 3:
+            raise ValueError("taylor_d2 has no diffusers equivalent (diffusers uses the published D2 weight)")
         if spacing.name not in ("linspace", "leading", "trailing", "karras", "exponential", "beta", "flow"):
             raise ValueError(f"no DPMSolverMultistepScheduler equivalent for spacing {spacing.name!r}")
         return "DPMSolverMultistepScheduler", dict(

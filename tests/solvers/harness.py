@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 T_SCALE = 1000.0
@@ -57,3 +58,20 @@ def diffusers_sample(scheduler, model_fn, noise: torch.Tensor, nfe_steps: int, *
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     assert torch.isfinite(a).all() and torch.isfinite(b).all(), "NaN/Inf in a sample"
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def assert_matches_diffusers(scheduler, prog, model_fn, noise: torch.Tensor, steps: int, *,
+                             guidance_scale=None, step_noise=None, time_atol: float = 1e-3,
+                             what: str = "") -> None:
+    """diffusers' loop and ``run_reference`` on the same model and noise: the same network calls at the same
+    time inputs (``len == prog.nfe``), and samples equal to relative error 1e-5."""
+    ref, times = diffusers_sample(scheduler, model_fn, noise, steps, guidance_scale=guidance_scale,
+                                  step_noise=step_noise)
+    from fewstep.solvers.reference import count_calls, run_reference
+
+    fn, seen = count_calls(model_fn)
+    ours = run_reference(prog, fn, noise, step_noise=step_noise)
+    assert len(seen) == prog.nfe == len(times)
+    assert seen == pytest.approx(times, abs=time_atol), (seen, times)
+    err = rel_err(ours, ref)
+    assert err <= 1e-5, f"{what}: rel err {err:.3g}"

@@ -3,10 +3,9 @@ import torch
 
 import fewstep as fs
 from fewstep.solvers import Spacing
-from fewstep.solvers.reference import count_calls
 from fewstep.solvers.schedules import DiscreteVP
 
-from .harness import diffusers_sample, guided_toy_model, rel_err, toy_model
+from .harness import assert_matches_diffusers, guided_toy_model, rel_err, toy_model
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -25,12 +24,8 @@ def _check(spec, spacing, steps, guidance=None, **set_kw):
     assert type(sch).__name__ == "HeunDiscreteScheduler"
     model = toy_model if guidance is None else guided_toy_model
     noise = _noise(steps)
-    ref, times = diffusers_sample(sch, model, noise, steps, guidance_scale=guidance)
-    fn, seen = count_calls(model)
-    ours = fs.solvers.run_reference(prog, fn, noise)
-    assert len(seen) == prog.nfe == nfe == len(times)
-    assert seen == pytest.approx(times, abs=1e-3)
-    assert rel_err(ours, ref) <= 1e-5
+    assert prog.nfe == nfe
+    assert_matches_diffusers(sch, prog, model, noise, steps, guidance_scale=guidance, what=f"heun {spacing}")
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])

@@ -4,7 +4,7 @@ import torch
 import fewstep as fs
 from fewstep.solvers.reference import count_calls
 
-from .harness import diffusers_sample, guided_toy_model, rel_err, toy_model
+from .harness import assert_matches_diffusers, diffusers_sample, guided_toy_model, rel_err, toy_model
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -52,12 +52,9 @@ def _check_parity(spec, spacing, nfe, opts, model=toy_model, guidance_scale=None
     sch = _after_set_timesteps(fs.solvers.to_diffusers("unipc", spec, spacing, **opts), _float64_table)
     prog = fs.solvers.build("unipc", spec, nfe, spacing, guidance_scale=guidance_scale, **opts)
     noise = _noise(seed + nfe)
-    ref, times = diffusers_sample(sch, model, noise, nfe, guidance_scale=guidance_scale)
-    fn, seen = count_calls(model)
-    ours = fs.solvers.run_reference(prog, fn, noise)
-    assert len(seen) == prog.nfe == nfe == len(times)
-    assert seen == pytest.approx(times, abs=1e-3)
-    assert rel_err(ours, ref) <= 1e-5
+    assert prog.nfe == nfe
+    assert_matches_diffusers(sch, prog, model, noise, nfe, guidance_scale=guidance_scale,
+                             what=f"unipc {spacing} {opts}")
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])

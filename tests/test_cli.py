@@ -120,20 +120,9 @@ def test_sample_rejects_unknown_label_and_bad_dirs(tmp_path, capsys):
 
 
 def test_sample_bare_unet_with_cond_file(tmp_path, capsys):
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    unet.save_pretrained(tmp_path / "unet")
+    from .models.test_adapters import tiny_unet  # the adapters' tiny SD-style UNet (cross-attention dim 24)
+
+    tiny_unet().save_pretrained(tmp_path / "unet")
     sched = tmp_path / "sched.json"
     diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear").save_pretrained(tmp_path / "s")
     sched.write_text((tmp_path / "s" / "scheduler_config.json").read_text())

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
     reason="GPU benchmark: needs a CUDA GPU with FP8 tensor cores (sm_89+)")
 
 bench = pytest.importorskip("fewstep.bench")
-fp8 = pytest.importorskip("fewstep.quant.bench_fp8")
+fp8 = pytest.importorskip("fewstep.bench.fp8")
 pytest.importorskip("diffusers")
 
 RESULTS: dict[str, list] = {"fp8_gemm": [], "fp8_producer": [], "fp8_forward": []}

@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("sklearn")
 
+from fewstep.bench.fp8 import digits_quality  # noqa: E402
 from fewstep.models.digits import CONFIG_FILE, DATA_DIR  # noqa: E402
-from fewstep.quant.bench_fp8 import digits_quality  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (DATA_DIR / CONFIG_FILE).is_file(),
                                 reason="the trained digits model is not bundled")

@@ -1,4 +1,4 @@
-"""``fewstep bench``: the fused solver step and whole samples against diffusers, as one table.
+"""Latency benchmarks (``fewstep bench``): the fused solver step and whole samples vs diffusers.
 
 1. Per solver step: every stage update of an ``nfe``-step program replayed inside one CUDA graph (the
    network output is a static random tensor), per network call; against diffusers' ``scheduler.step`` for the
@@ -13,22 +13,17 @@ real GPU runs.  ``--dry-run`` runs every code path with tiny shapes on any devic
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import math
-import platform
 import statistics
-import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-__all__ = ["add_arguments", "run", "StepResult", "SampleResult", "bench_solver_step", "bench_sample",
-           "STEP_CASES", "DIT_XL_2"]
+from .timing import timer
+
+__all__ = ["StepResult", "SampleResult", "bench_solver_step", "bench_sample", "format_table", "build_dit",
+           "dit_fn", "dit_spec", "STEP_CASES", "STEP_SHAPES", "DIT_XL_2", "DIT_TINY"]
 
 # (fewstep solver, options): the issue's four
 STEP_CASES: tuple[tuple[str, dict], ...] = (
@@ -79,50 +74,9 @@ class SampleResult:
         return (self.plan_ms - self.network_graph_ms) / self.nfe * 1e3
 
 
-# -- timing --------------------------------------------------------------------------------------------------
-def _timer(device: torch.device) -> Callable[[Callable[[], object], int, int], float]:
-    """``time(fn, warmup, iters) -> median seconds``: CUDA events on the GPU, perf_counter on the CPU."""
-    if device.type == "cuda":
-        def time_cuda(fn, warmup, iters):
-            for _ in range(warmup):
-                fn()
-            torch.cuda.synchronize(device)
-            times = []
-            for _ in range(iters):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) / 1e3)
-            return statistics.median(times)
-        return time_cuda
-
-    def time_cpu(fn, warmup, iters):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-    return time_cpu
-
-
-def copy_bandwidth(device: torch.device) -> float | None:
-    """Device-to-device copy bandwidth in bytes/s (read + written), None off the GPU."""
-    if device.type != "cuda":
-        return None
-    src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    sec = _timer(device)(lambda: dst.copy_(src), 3, 20)
-    return 2 * src.numel() / sec
-
-
 # -- 1. solver step ------------------------------------------------------------------------------------------
-def _dit_spec():
-    from .solvers import ModelSpec, schedules
+def dit_spec():
+    from ..solvers import ModelSpec, schedules
 
     return ModelSpec(schedules.DiscreteVP(beta_start=0.0001, beta_end=0.02, beta_schedule="linear"))
 
@@ -139,10 +93,10 @@ def bench_solver_step(solver: str, options: dict, shape: tuple[int, ...], device
                       nfe: int = 8, reps: int = 20, iters: int = 50,
                       bandwidth: float | None = None) -> StepResult:
     """Fused updates (one graph holding ``reps`` passes over every stage) vs diffusers ``scheduler.step``."""
-    from .kernels.solver_update import StageUpdate, solver_update, solver_update_ref
-    from .solvers import build, to_diffusers
+    from ..kernels.solver_update import StageUpdate, solver_update, solver_update_ref
+    from ..solvers import build, to_diffusers
 
-    spec = _dit_spec()
+    spec = dit_spec()
     prog = build(solver, spec, nfe, **options)
     n = math.prod(shape)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -160,7 +114,7 @@ def bench_solver_step(solver: str, options: dict, shape: tuple[int, ...], device
         for u in upds:
             fused(u, state, net_out if (u.has_oc or u.has_ou) else None, net_in, seed)
 
-    timer = _timer(device)
+    time_fn = timer(device)
     if device.type == "cuda":
         one_pass()  # JIT every specialization before capture
         torch.cuda.synchronize(device)
@@ -168,9 +122,9 @@ def bench_solver_step(solver: str, options: dict, shape: tuple[int, ...], device
         with torch.cuda.graph(graph):
             for _ in range(reps):
                 one_pass()
-        sec = timer(graph.replay, 3, iters) / reps
+        sec = time_fn(graph.replay, 3, iters) / reps
     else:
-        sec = timer(one_pass, 1, iters)
+        sec = time_fn(one_pass, 1, iters)
     fused_us = sec / nfe * 1e6
     moved = sum(_stage_bytes(u, n, 4, 4) for u in upds)
     floor = None if bandwidth is None else moved / bandwidth / nfe * 1e6
@@ -202,7 +156,7 @@ def bench_solver_step(solver: str, options: dict, shape: tuple[int, ...], device
 
 
 # -- 2. whole sample -----------------------------------------------------------------------------------------
-def _dit(config: dict, device, dtype):
+def build_dit(config: dict, device, dtype):
     import diffusers
 
     torch.manual_seed(0)
@@ -210,9 +164,9 @@ def _dit(config: dict, device, dtype):
     return m.to(device=device, dtype=dtype).eval()
 
 
-def _dit_fn(dit):
+def dit_fn(dit):
     try:
-        from .models import from_diffusers
+        from ..models import from_diffusers
     except ImportError:  # pragma: no cover - the adapters ship with fewstep
         from_diffusers = None
     if from_diffusers is not None:
@@ -251,24 +205,24 @@ def bench_sample(batch: int, nfe: int, device: torch.device, *, guidance_scale: 
                  solver: str = "dpmpp_2m", dtype: torch.dtype = torch.bfloat16, config: dict = DIT_XL_2,
                  compile_network: bool = False, iters: int = 10) -> SampleResult:
     """DiT sample: plan vs diffusers' eager loop vs the network alone in one graph."""
-    from . import engine
-    from .solvers import to_diffusers
+    from .. import engine
+    from ..solvers import to_diffusers
 
-    dit = _dit(config, device, dtype)
-    fn = _dit_fn(dit)
-    spec = _dit_spec()
+    dit = build_dit(config, device, dtype)
+    fn = dit_fn(dit)
+    spec = dit_spec()
     c, s = config["in_channels"], config["sample_size"]
     shape = (batch, c, s, s)
     labels = torch.arange(batch, device=device) % config["num_embeds_ada_norm"]
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-    timer = _timer(device)
+    time_fn = timer(device)
 
     with torch.no_grad():
         t0 = time.perf_counter()
         plan = engine.compile(fn, spec, solver=solver, nfe=nfe, shape=shape, dtype=dtype,
                               guidance_scale=guidance_scale, device=device, cond={"class_labels": labels})
         build_s = time.perf_counter() - t0
-        plan_s = timer(lambda: plan(noise, class_labels=labels, copy=False), 2, iters)
+        plan_s = time_fn(lambda: plan(noise, class_labels=labels, copy=False), 2, iters)
 
         compiled_ms = compiled_build = None
         if compile_network and device.type == "cuda":
@@ -277,11 +231,11 @@ def bench_sample(batch: int, nfe: int, device: torch.device, *, guidance_scale: 
                                    guidance_scale=guidance_scale, device=device,
                                    cond={"class_labels": labels}, compile_network=True)
             compiled_build = time.perf_counter() - t0
-            compiled_ms = timer(lambda: cplan(noise, class_labels=labels, copy=False), 2, iters) * 1e3
+            compiled_ms = time_fn(lambda: cplan(noise, class_labels=labels, copy=False), 2, iters) * 1e3
 
         sched = to_diffusers(solver, spec)
         lat = noise.to(dtype)
-        diff_s = timer(lambda: _diffusers_dit_loop(dit, sched, lat, labels, nfe, guidance_scale), 1,
+        diff_s = time_fn(lambda: _diffusers_dit_loop(dit, sched, lat, labels, nfe, guidance_scale), 1,
                        max(3, iters // 2))
 
         x2 = torch.cat([lat, lat])
@@ -300,48 +254,15 @@ def bench_sample(batch: int, nfe: int, device: torch.device, *, guidance_scale: 
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 net_calls()
-            net_s = timer(graph.replay, 2, iters)
+            net_s = time_fn(graph.replay, 2, iters)
         else:
-            net_s = timer(net_calls, 1, iters)
+            net_s = time_fn(net_calls, 1, iters)
     return SampleResult(batch, nfe, guidance_scale, solver, plan_s * 1e3, build_s, diff_s * 1e3, net_s * 1e3,
                         compiled_ms, compiled_build)
 
 
+
 # -- reporting -----------------------------------------------------------------------------------------------
-def environment(device: torch.device) -> dict:
-    import diffusers
-
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:  # pragma: no cover
-        triton_version = None
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        sha = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"device": name,
-            "torch": torch.__version__, "triton": triton_version, "diffusers": diffusers.__version__,
-            "git_sha": sha, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
-def save_results(kind: str, results: list, device: torch.device, out_dir: Path) -> Path:
-    """Write ``{environment, results}`` to ``out_dir/<kind>-<gpu>-<time>.json`` (real GPU runs only)."""
-    if device.type != "cuda":
-        raise ValueError("benchmark results are saved only from GPU runs")
-    env = environment(device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gpu = "".join(ch if ch.isalnum() else "-" for ch in env["device"]).strip("-").lower()
-    path = out_dir / f"{kind}-{gpu}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    rows = [dict(dataclasses.asdict(r), **{p: getattr(r, p) for p in ("speedup", "overhead_ratio",
-                                                                       "step_overhead_us") if hasattr(r, p)})
-            for r in results]
-    path.write_text(json.dumps({"environment": env, "results": rows}, indent=2) + "\n")
-    return path
-
-
 def format_table(steps: list[StepResult], samples: list[SampleResult]) -> str:
     lines = []
     if steps:
@@ -367,55 +288,3 @@ def format_table(steps: list[StepResult], samples: list[SampleResult]) -> str:
                          f"{r.overhead_ratio:9.3f} "
                          f"{r.step_overhead_us:13.1f} {comp:>12s}")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", nargs="?", choices=("all", "step", "sample"), default="all")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="tiny shapes on any device (CPU included): exercise every path, save nothing")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="DiT sample batch sizes")
-    parser.add_argument("--nfe", type=int, nargs="+", default=[4, 8], help="DiT sample NFEs")
-    parser.add_argument("--guidance-scale", type=float, default=4.0)
-    parser.add_argument("--solver", default="dpmpp_2m", help="solver of the DiT sample")
-    parser.add_argument("--compile-network", action="store_true",
-                        help="also build a compile_network=True plan (minutes); reports its build time")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")
-    parser.add_argument("--no-save", action="store_true", help="print only")
-    parser.add_argument("--quant", choices=("fp8",), default=None,
-                        help="benchmark FP8 layers instead (GEMM, fused producer, DiT-XL/2 forward, quality)")
-    parser.add_argument("--fp8-what", default="all",
-                        choices=("all", "gemm", "producer", "forward", "quality"),
-                        help="with --quant fp8: which part (`quality` also runs on the CPU, emulated)")
-
-
-def run(args: argparse.Namespace) -> int:
-    if getattr(args, "quant", None) == "fp8":
-        from .quant.bench_fp8 import run_quant
-
-        return run_quant(args)
-    dry = args.dry_run
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not dry:
-        raise ValueError("fewstep bench needs a CUDA GPU (use --dry-run to exercise it on the CPU)")
-    steps, samples = [], []
-    if args.what in ("all", "step"):
-        shapes = ((3, 4, 8, 8),) if dry else STEP_SHAPES
-        bw = None if dry else copy_bandwidth(device)
-        for solver, opts in STEP_CASES:
-            for shape in shapes:
-                steps.append(bench_solver_step(solver, opts, shape, device, nfe=4 if dry else 8,
-                                               iters=3 if dry else 50, bandwidth=bw))
-    if args.what in ("all", "sample"):
-        batches, nfes = ([1], [2]) if dry else (args.batch, args.nfe)
-        for b in batches:
-            for nfe in nfes:
-                samples.append(bench_sample(
-                    b, nfe, device, guidance_scale=args.guidance_scale, solver=args.solver,
-                    dtype=torch.float32 if dry else torch.bfloat16, config=DIT_TINY if dry else DIT_XL_2,
-                    compile_network=args.compile_network and not dry, iters=2 if dry else 10))
-    print(format_table(steps, samples))
-    if not dry and not args.no_save:
-        for kind, res in (("solver_step", steps), ("sample", samples)):
-            if res:
-                print(f"wrote {save_results(kind, res, device, args.out)}")
-    return 0

@@ -80,8 +80,8 @@ def _sample_bundled(args, guidance, device) -> int:
     import torch
 
     import fewstep as fs
+    from fewstep.cli.png import image_grid, write_png
     from fewstep.models import digits
-    from fewstep.png import image_grid, write_png
 
     labels = digits.check_class_labels(_labels(args.labels, list(range(10))), allow_null=False)
     dit, _ = digits.load_digits_dit()
@@ -154,7 +154,7 @@ def _sample_diffusers(args, guidance, device) -> int:
     import torch
 
     import fewstep as fs
-    from fewstep.png import write_png
+    from fewstep.cli.png import write_png
 
     net, sched_cfg, vae = _load_dir(Path(args.diffusers), args.scheduler_config, device)
     model, spec = fs.models.from_diffusers(net, sched_cfg)

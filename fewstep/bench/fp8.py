@@ -9,7 +9,7 @@
    quant mode, on DiT-XL/2 and SD1.5-UNet configs with random weights.
 
 Timings use CUDA events (medians); every result is a frozen dataclass; results files are written only from GPU
-runs (``fewstep.bench.save_results``).
+runs (``fewstep.bench.results.save_results``).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class QualityResult:
 
 
 def _timer(device):
-    from ..bench import _timer as t
+    from .timing import timer as t
 
     return t(device)
 
@@ -224,8 +224,9 @@ def bench_dit_forward(
     batch: int, device: torch.device, *, config: dict | None = None, iters: int = 20, static: bool = True
 ) -> ForwardResult:
     """One DiT forward (DiT-XL/2 by default) in a CUDA graph: bf16 vs FP8 (dynamic, and static scales)."""
-    from ..bench import DIT_XL_2, _dit
-    from . import quantize, quantized_layers
+    from ..quant import quantize, quantized_layers
+    from .sample import DIT_XL_2
+    from .sample import build_dit as _dit
 
     config = config or DIT_XL_2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -274,7 +275,7 @@ def forward_quality(
     modes: "dynamic" (per-token scales), "static" (per-tensor, absmax calibrated on ``calib_inputs``, default
     ``[inputs]``).  FP8 runs the Triton kernels on CUDA, the emulation elsewhere.
     """
-    from . import Calibrator, quantize
+    from ..quant import Calibrator, quantize
 
     quant = "fp8" if device.type == "cuda" else "fp8-emulated"
     results = []
@@ -343,7 +344,8 @@ def dit_xl_2_quality(
     device: torch.device, *, batch: int = 2, config: dict | None = None
 ) -> list[QualityResult]:
     """:func:`forward_quality` of DiT-XL/2 (random weights; ``config`` to scale it down)."""
-    from ..bench import DIT_XL_2, _dit
+    from .sample import DIT_XL_2
+    from .sample import build_dit as _dit
 
     config = config or DIT_XL_2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -397,7 +399,8 @@ def sd15_unet_quality(
 
 def run_quant(args) -> int:
     """``fewstep bench --quant fp8 [gemm|producer|forward|quality|all] [--dry-run]``."""
-    from ..bench import DIT_TINY, save_results
+    from .results import save_results
+    from .sample import DIT_TINY
 
     dry = args.dry_run
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -61,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import fewstep as fs
+    from fewstep.cli.png import image_grid, write_png
     from fewstep.models import digits, metrics
-    from fewstep.png import image_grid, write_png
 
     solvers = _parse_list(args.solvers, str, "solvers")
     nfes = _parse_list(args.nfes, int, "nfes")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fewstep as fs
-from fewstep import accuracy
+from fewstep.cli import accuracy
 from fewstep.solvers.gmm import rms
 
 TINY = dict(samples=6, dim=3, seed=2)

@@ -120,7 +120,7 @@ def test_sample_rejects_unknown_label_and_bad_dirs(tmp_path, capsys):
 
 
 def test_sample_bare_unet_with_cond_file(tmp_path, capsys):
-    from .models.test_adapters import tiny_unet  # the adapters' tiny SD-style UNet (cross-attention dim 24)
+    from ..models.test_adapters import tiny_unet  # the adapters' tiny SD-style UNet (cross-attention dim 24)
 
     tiny_unet().save_pretrained(tmp_path / "unet")
     sched = tmp_path / "sched.json"

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import solvers as S
-from .solvers.gmm import GaussianMixture, point_of_time, program_error, rms
-from .solvers.schedules import EDM, DiscreteVP, Flow, Point
-from .solvers.spec import ModelSpec
+from .. import solvers as S
+from ..solvers.gmm import GaussianMixture, point_of_time, program_error, rms
+from ..solvers.schedules import EDM, DiscreteVP, Flow, Point
+from ..solvers.spec import ModelSpec
 
 __all__ = ["NFES", "Row", "Table", "accuracy_table", "default_spec", "diffusers_error", "add_arguments",
            "run", "main"]

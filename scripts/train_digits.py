@@ -2,10 +2,15 @@
 
     python scripts/train_digits.py                 # the shipped run (seeded, CPU, 2 threads)
     python scripts/train_digits.py --out /tmp/d --dit-steps 200   # a quick try
+    python scripts/train_digits.py --export-data   # rewrite fewstep/models/data/digits.npz from scikit-learn
 
-Both networks train on the training split of scikit-learn's bundled digits (``load_digits_data("train")``);
-the classifier's accuracy is measured on the held-out test split.  Deterministic: one seed and a fixed thread
-count (2), so rerunning gives the same weights with the same torch build on the same CPU type.
+Both networks train on the training split of the digits shipped in ``fewstep/models/data/digits.npz``
+(``load_digits_data("train")``); the classifier's accuracy is measured on the held-out test split.  That file
+holds scikit-learn's 8x8 digits (``sklearn.datasets.load_digits``) and the stratified split the shipped
+networks were trained with (``train_test_split(test_size=0.25, random_state=0, stratify=labels)``);
+``--export-data`` regenerates it, which needs scikit-learn (``pip install 'fewstep[train]'``) and nothing else
+here does.  Training is deterministic: one seed and a fixed thread count (2), so rerunning gives the same
+weights with the same torch build on the same CPU type.
 
 The DiT is diffusers' DiTTransformer2DModel trained with the DDPM epsilon loss (Ho et al. 2020) on the linear
 schedule, AdamW with warmup and cosine decay, an EMA of the weights (what ships, in fp16), and 10% label
@@ -20,12 +25,15 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import io
 import json
 import math
 import sys
 import time
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fewstep.models.digits import (  # noqa: E402
     CONFIG_FILE,
     DATA_DIR,
+    DATA_FILE,
     NULL_CLASS,
     WEIGHTS_FILE,
     build_dit,
@@ -46,7 +55,7 @@ CONFIG = {
     "seed": 0,
     "threads": 2,
     "data": {"dataset": "sklearn.datasets.load_digits", "split": "train", "test_fraction": 0.25,
-             "split_seed": 0, "normalize": "x / 8 - 1 (values 0..16 -> [-1, 1])"},
+             "split_seed": 0, "normalize": "x / 8 - 1 (values 0..16 -> [-1, 1])", "file": DATA_FILE},
     "model": {"hidden": 128, "heads": 4, "layers": 4, "patch_size": 2},
     "schedule": {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
                  "beta_schedule": "linear", "prediction_type": "epsilon"},
@@ -81,7 +90,43 @@ def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
 
 
 def split(cfg: dict, name: str):
-    return load_digits_data(name, test_fraction=cfg["data"]["test_fraction"], seed=cfg["data"]["split_seed"])
+    """The ``name`` split of the shipped array file (the split ``export_digits_data`` stored)."""
+    return load_digits_data(name)
+
+
+def sklearn_digits_arrays(test_fraction: float = 0.25, seed: int = 0) -> dict[str, np.ndarray]:
+    """scikit-learn's digits and a stratified train/test split, as the arrays of the shipped data file."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:
+        raise ImportError("--export-data reads the digits from scikit-learn: "
+                          "pip install 'fewstep[train]'") from e
+    d = load_digits()
+    if not np.array_equal(d.images, np.round(d.images)) or d.images.min() < 0 or d.images.max() > 16:
+        raise ValueError("scikit-learn's digits are no longer integers 0..16: a uint8 file cannot hold them")
+    idx_train, idx_test = train_test_split(np.arange(len(d.target)), test_size=test_fraction,
+                                           random_state=seed, stratify=d.target)
+    return {"images": d.images.astype(np.uint8), "labels": d.target.astype(np.uint8),
+            "train_index": idx_train.astype(np.uint16), "test_index": idx_test.astype(np.uint16)}
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> str:
+    """``np.savez_compressed`` with fixed zip timestamps, so the same arrays give the same bytes (with the
+    same zlib); returns the file's SHA-256.  Plain arrays only: the file loads with ``allow_pickle=False``."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, a in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, buf.getvalue(), compresslevel=9)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_digits_data(path: Path, test_fraction: float = 0.25, seed: int = 0) -> str:
+    """Write scikit-learn's digits and their split to ``path`` (the shipped file); returns its SHA-256."""
+    return write_npz(path, sklearn_digits_arrays(test_fraction, seed))
 
 
 def train_classifier(cfg: dict, gen: torch.Generator) -> tuple[DigitClassifier, dict]:
@@ -175,7 +220,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--snapshots", action="store_true",
                     help="also save the EMA weights every 10 log intervals")
+    ap.add_argument("--export-data", action="store_true",
+                    help=f"only write {DATA_FILE} (digits + split) from scikit-learn into --out, then stop")
     args = ap.parse_args(argv)
+    if args.export_data:
+        args.out.mkdir(parents=True, exist_ok=True)
+        d = CONFIG["data"]
+        sha = export_digits_data(args.out / DATA_FILE, d["test_fraction"], d["split_seed"])
+        print(f"wrote {args.out / DATA_FILE} (SHA-256 {sha})")
+        return {"data_file": str(args.out / DATA_FILE), "sha256": sha}
     cfg = copy.deepcopy(CONFIG)
     if args.dit_steps is not None:
         cfg["train"]["steps"] = args.dit_steps
@@ -183,6 +236,7 @@ def main(argv=None) -> dict:
         cfg["classifier"]["epochs"] = args.classifier_epochs
     if args.seed is not None:
         cfg["seed"] = args.seed
+    cfg["data"]["sha256"] = hashlib.sha256((DATA_DIR / DATA_FILE).read_bytes()).hexdigest()  # what it read
     args.out.mkdir(parents=True, exist_ok=True)
 
     t_start, cpu_start = time.time(), time.process_time()

@@ -1,5 +1,5 @@
 """The bundled digits model: a small class-conditional DiT trained by ``scripts/train_digits.py`` on
-scikit-learn's 8x8 digits (1 channel, values in [-1, 1]).
+scikit-learn's 8x8 digits (1 channel, values in [-1, 1]), which ship here as an array file.
 
 The network is diffusers' own :class:`~diffusers.DiTTransformer2DModel` (patch 2, so 16 tokens), so the
 demo runs the real DiT code path.  It predicts epsilon on a DDPM linear schedule (1000 steps, betas 1e-4 ..
@@ -22,17 +22,22 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..solvers.schedules import DiscreteVP
 from ..solvers.spec import ModelSpec
 
 __all__ = ["DigitsDenoiser", "load_digits_model", "load_digits_dit", "digits_spec", "digits_scheduler_config",
-           "load_digits_data", "check_class_labels", "DATA_DIR", "NUM_CLASSES", "NULL_CLASS", "SAMPLE_SHAPE"]
+           "load_digits_data", "check_class_labels", "DATA_DIR", "DATA_FILE", "NUM_CLASSES", "NULL_CLASS",
+           "SAMPLE_SHAPE"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 WEIGHTS_FILE = "digits_dit.pt"
 CONFIG_FILE = "digits_dit.json"
+# images (N, 8, 8) uint8 0..16, labels (N,) uint8, train_index / test_index: scripts/train_digits.py writes it
+DATA_FILE = "digits.npz"
+_DATA_KEYS = ("images", "labels", "train_index", "test_index")
 NUM_CLASSES = 10
 NULL_CLASS = 10
 SAMPLE_SHAPE = (1, 8, 8)
@@ -196,23 +201,49 @@ def load_digits_model(data_dir: str | Path | None = None) -> tuple[DigitsDenoise
     return DigitsDenoiser(dit, config), digits_spec()
 
 
-def load_digits_data(split: str = "all", *, test_fraction: float = 0.25, seed: int = 0):
-    """scikit-learn's bundled digits as ``(x, y)``: x (N, 1, 8, 8) float32 in [-1, 1], y (N,) long.
+def _read_digits_file(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of the shipped digits file, checked; errors name the file and what is wrong."""
+    if not path.is_file():
+        raise FileNotFoundError(f"digits data file {path} is missing; reinstall fewstep or rerun "
+                                "scripts/train_digits.py --export-data")
+    try:
+        with np.load(path, allow_pickle=False) as f:  # plain arrays only: never unpickles
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # a truncated / garbled zip, an object array, a bad header
+        raise RuntimeError(f"digits data file {path} is corrupt or unreadable "
+                           f"({type(e).__name__}: {e})") from e
+    missing = [k for k in _DATA_KEYS if k not in arrays]
+    if missing:
+        raise RuntimeError(f"digits data file {path} is corrupt: arrays {missing} are missing "
+                           f"(found {sorted(arrays)})")
+    images, labels = arrays["images"], arrays["labels"]
+    n = len(labels)
+    problems = []
+    if images.dtype != np.uint8 or images.shape != (n, *SAMPLE_SHAPE[1:]) or images.max(initial=0) > 16:
+        problems.append(f"images must be ({n}, 8, 8) uint8 in 0..16, got {images.shape} {images.dtype}")
+    if labels.dtype != np.uint8 or labels.ndim != 1 or labels.max(initial=0) >= NUM_CLASSES:
+        problems.append(f"labels must be (N,) uint8 in 0..9, got {labels.shape} {labels.dtype}")
+    both = np.concatenate([arrays["train_index"].ravel(), arrays["test_index"].ravel()])
+    if both.dtype.kind not in "iu" or not np.array_equal(np.sort(both), np.arange(n)):
+        problems.append(f"train_index and test_index must split 0..{n - 1} into two disjoint parts")
+    if problems:
+        raise RuntimeError(f"digits data file {path} is corrupt: {'; '.join(problems)}")
+    return arrays
 
-    split: "all", or "train" / "test" (a stratified split, the one both bundled networks were trained with).
+
+def load_digits_data(split: str = "all", *, data_dir: str | Path | None = None):
+    """The bundled digits as ``(x, y)``: x (N, 1, 8, 8) float32 in [-1, 1], y (N,) long.
+
+    The 1,797 images and labels of scikit-learn's ``load_digits`` ship in ``data/digits.npz`` with the
+    stratified train / test split (75 / 25 %, seed 0) both bundled networks were trained with.
+    split: "all", or "train" / "test" (in the order the split was drawn).
     """
-    from sklearn.datasets import load_digits
-
     if split not in ("all", "train", "test"):
         raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}")
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
-    y = torch.tensor(d.target, dtype=torch.long)
+    arrays = _read_digits_file((Path(data_dir) if data_dir is not None else DATA_DIR) / DATA_FILE)
+    x = torch.from_numpy(arrays["images"]).float().unsqueeze(1) / 8.0 - 1.0
+    y = torch.from_numpy(arrays["labels"]).long()
     if split == "all":
         return x, y
-    from sklearn.model_selection import train_test_split
-
-    idx_train, idx_test = train_test_split(range(len(y)), test_size=test_fraction, random_state=seed,
-                                           stratify=d.target)
-    idx = torch.tensor(idx_train if split == "train" else idx_test)
+    idx = torch.from_numpy(arrays[f"{split}_index"].astype(np.int64))
     return x[idx], y[idx]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +67,123 @@ def test_classifier_accuracy_on_held_out_split():
     x, y = D.load_digits_data("test")
     xtr, _ = D.load_digits_data("train")
     assert len(y) + len(xtr) == 1797
-    # the split is disjoint (no test image also in train)
-    assert not (torch.cdist(x.flatten(1), xtr.flatten(1)).min(1).values == 0).all()
+    # the split is disjoint: no test image also in train (the 1,797 images are pairwise distinct)
+    assert not (torch.cdist(x.flatten(1), xtr.flatten(1)).min(1).values == 0).any()
     acc = M.class_accuracy(x, y, clf)
     assert acc >= 0.95
     recorded = json.loads((D.DATA_DIR / M.CLASSIFIER_CONFIG).read_text())["test_accuracy"]
     assert acc == pytest.approx(recorded, abs=1e-6)
+
+
+# -- the shipped digits array file -----------------------------------------------------------------------
+
+# Pinned facts of scikit-learn's digits (sklearn.datasets.load_digits, the UCI optdigits test set) and of the
+# stratified split of scripts/train_digits.py: exported once with scikit-learn 1.9.1, checked equal to
+# train_test_split(range(1797), test_size=0.25, random_state=0, stratify=labels) and to the
+# images / labels scikit-learn returns.
+DATA_SHA256 = "7405517a49e87a73cb8e125a76fe3b164f82c5c637f305535fa44add37f0c350"
+LABEL_COUNTS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+TEST_LABEL_COUNTS = [45, 46, 44, 46, 45, 46, 45, 45, 43, 45]
+PIXEL_SUM = 561718  # sum of all 1797 x 64 pixel values (0..16)
+TRAIN_HEAD, TEST_HEAD = [447, 836, 1749, 146, 1200], [1364, 1579, 1023, 1176, 1151]
+
+
+def test_data_file_matches_pinned_facts():
+    path = D.DATA_DIR / D.DATA_FILE
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == DATA_SHA256
+    assert path.stat().st_size < 100_000, "the digits file must stay small"
+    with np.load(path, allow_pickle=False) as f:
+        a = {k: f[k] for k in f.files}
+    assert sorted(a) == ["images", "labels", "test_index", "train_index"]
+    assert a["images"].shape == (1797, 8, 8) and a["images"].dtype == np.uint8
+    assert a["labels"].shape == (1797,) and a["labels"].dtype == np.uint8
+    assert a["images"].max() == 16 and a["images"].min() == 0
+    assert int(a["images"].astype(np.int64).sum()) == PIXEL_SUM
+    assert np.bincount(a["labels"]).tolist() == LABEL_COUNTS
+    assert np.bincount(a["labels"][a["test_index"]]).tolist() == TEST_LABEL_COUNTS
+    assert len(a["train_index"]) == 1347 and len(a["test_index"]) == 450
+    assert a["train_index"][:5].tolist() == TRAIN_HEAD and a["test_index"][:5].tolist() == TEST_HEAD
+    assert np.array_equal(np.sort(np.concatenate([a["train_index"], a["test_index"]])), np.arange(1797))
+    # the bundled networks record the file they were trained on
+    for cfg in (D.CONFIG_FILE, M.CLASSIFIER_CONFIG):
+        data = json.loads((D.DATA_DIR / cfg).read_text())["data"]
+        assert (data["file"], data["sha256"]) == (D.DATA_FILE, DATA_SHA256)
+
+
+def test_load_digits_data_applies_the_stored_split():
+    """x = pixel / 8 - 1, and the splits are the stored index lists, in their order."""
+    with np.load(D.DATA_DIR / D.DATA_FILE, allow_pickle=False) as f:
+        images, labels, tr, te = f["images"], f["labels"], f["train_index"], f["test_index"]
+    x, y = D.load_digits_data("all")
+    assert x.dtype == torch.float32 and y.dtype == torch.long and x.shape == (1797, 1, 8, 8)
+    assert float(x.min()) == -1.0 and float(x.max()) == 1.0
+    assert x[5, 0, 3, 4].item() == images[5, 3, 4] / 8 - 1 and y[5].item() == labels[5]
+    xtr, ytr = D.load_digits_data("train")
+    xte, yte = D.load_digits_data("test")
+    assert torch.equal(xtr[0, 0], torch.tensor(images[tr[0]], dtype=torch.float32) / 8 - 1)
+    assert torch.equal(ytr, torch.tensor(labels[tr].astype(np.int64)))
+    assert torch.equal(yte, torch.tensor(labels[te].astype(np.int64)))
+    with pytest.raises(ValueError, match="split must be"):
+        D.load_digits_data("val")
+
+
+def test_data_file_equals_a_fresh_sklearn_export(tmp_path):
+    """Where scikit-learn is installed (the `train` extra): the export gives the shipped arrays."""
+    pytest.importorskip("sklearn")
+    td = _train_module()
+    td.export_digits_data(tmp_path / D.DATA_FILE)
+    with np.load(tmp_path / D.DATA_FILE, allow_pickle=False) as new, \
+            np.load(D.DATA_DIR / D.DATA_FILE, allow_pickle=False) as shipped:
+        assert sorted(new.files) == sorted(shipped.files)
+        for k in shipped.files:
+            assert new[k].dtype == shipped[k].dtype and np.array_equal(new[k], shipped[k]), k
+
+
+def test_runtime_does_not_need_sklearn():
+    """The package loads its digits without scikit-learn (a fresh interpreter where it cannot import)."""
+    code = ("import sys; sys.modules['sklearn'] = None\n"
+            "from fewstep.models import digits, metrics\n"
+            "x, y = digits.load_digits_data('test'); print(len(y), metrics.class_accuracy(x, y) > 0.9)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["450", "True"]
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "garbage", "pickled", "missing_key", "bad_dtype"])
+def test_bad_data_file_names_the_file(tmp_path, how):
+    d = _copy_data(tmp_path)
+    path = d / D.DATA_FILE
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    if how == "missing":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "garbage":
+        path.write_bytes(b"not a zip file" * 100)
+    elif how == "pickled":  # an object array needs unpickling: refused, never loaded
+        np.savez(path, **{**arrays, "labels": np.array([_Boom()] * 1797, dtype=object)})
+    elif how == "missing_key":
+        np.savez(path, **{k: v for k, v in arrays.items() if k != "test_index"})
+    else:
+        np.savez(path, **{**arrays, "images": arrays["images"].astype(np.float64)})
+    err = FileNotFoundError if how == "missing" else RuntimeError
+    with pytest.raises(err, match=D.DATA_FILE):
+        D.load_digits_data("test", data_dir=d)
+    assert not _Boom.ran
+
+
+class _Boom:
+    """Unpickling this would set ``ran``: the loader must never get that far."""
+
+    ran = False
+
+    def __reduce__(self):
+        return (_Boom._run, ())
+
+    @staticmethod
+    def _run():
+        _Boom.ran = True
 
 
 # -- a short real sampling run ------------------------------------------------------------------------------

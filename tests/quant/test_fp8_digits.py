@@ -9,7 +9,6 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-pytest.importorskip("sklearn")
 
 from fewstep.bench.fp8 import digits_quality  # noqa: E402
 from fewstep.models.digits import CONFIG_FILE, DATA_DIR  # noqa: E402

@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from .quantize_fp8 import MAX_ROW, MIN_SCALE, interpreting, launch_device_ok, quantize_fp8_ref
+from .quantize_fp8 import MIN_SCALE, quantize_fp8_ref
+from .triton_support import check_launch, interpreting, row_config, tl, triton
 
 __all__ = ["adaln_quant", "adaln_quant_ref", "adaln_modulate_ref"]
 
-try:  # kernels are optional at import time: CPU-only installs run the references
-    import triton
-    import triton.language as tl
-
-    from .quantize_fp8 import e4m3
-except ImportError:  # pragma: no cover
-    triton = None
-
 
 if triton is not None:
+    from .quantize_fp8 import e4m3
 
     @triton.jit
     def _adaln_quant_kernel(
@@ -67,8 +61,6 @@ def _check(x, shift, scale, act_scale):
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"x: expected float32 / float16 / bfloat16, got {x.dtype}")
     b, _, d = x.shape
-    if d > MAX_ROW:
-        raise ValueError(f"adaln_quant holds a token in one tile: dim at most {MAX_ROW}, got {d}")
     for name, t in (("shift", shift), ("scale", scale)):
         if not isinstance(t, torch.Tensor) or t.shape != (b, d) or t.stride(1) != 1:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -90,13 +82,8 @@ def _check(x, shift, scale, act_scale):
         )
 
 
-def adaln_quant(
-    x: torch.Tensor,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float = 1e-6,
-    act_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def adaln_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+               act_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_fp8(LayerNorm(x) * (1 + scale[:, None]) + shift[:, None])`` in one pass, with Triton.
 
     x: (batch, tokens, dim) fp32 / fp16 / bf16, contiguous.  shift, scale: (batch, dim), last dimension
@@ -105,30 +92,19 @@ def adaln_quant(
     its scale: ``(batch * tokens, 1)`` fp32, or ``act_scale``.
     """
     _check(x, shift, scale, act_scale)
-    launch_device_ok(x, "adaln_quant")
+    check_launch(x.device, "adaln_quant")
     b, t, d = x.shape
+    launch = row_config(d, "adaln_quant")
     q = torch.empty((b * t, d), dtype=torch.float8_e4m3fn, device=x.device)
     qscale = (
         act_scale if act_scale is not None else torch.empty((b * t, 1), dtype=torch.float32, device=x.device)
     )
     if b * t == 0:
         return q, qscale
-    block = max(16, triton.next_power_of_2(d))
     _adaln_quant_kernel[(b * t,)](
-        x,
-        shift,
-        scale,
-        q,
-        qscale,
-        t,
-        d,
-        shift.stride(0),
-        float(eps),
-        MIN_SCALE,
-        STATIC=act_scale is not None,
-        EXACT_ROUND=interpreting(),
-        BLOCK_D=block,
-        num_warps=4 if block <= 2048 else 8,
+        x, shift, scale, q, qscale, t, d, shift.stride(0), float(eps), MIN_SCALE,
+        STATIC=act_scale is not None, EXACT_ROUND=interpreting(), BLOCK_D=launch.block,
+        num_warps=launch.num_warps,
     )
     return q, qscale
 
@@ -142,13 +118,8 @@ def adaln_modulate_ref(
     return y.reshape(-1, x.shape[-1])
 
 
-def adaln_quant_ref(
-    x: torch.Tensor,
-    shift: torch.Tensor,
-    scale: torch.Tensor,
-    eps: float = 1e-6,
-    act_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def adaln_quant_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+                   act_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch :func:`adaln_quant` (fp32 LayerNorm and modulation, then :func:`quantize_fp8_ref`)."""
     _check(x, shift, scale, act_scale)
     return quantize_fp8_ref(adaln_modulate_ref(x, shift, scale, eps), act_scale)

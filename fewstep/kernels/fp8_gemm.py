@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .quantize_fp8 import interpreting, launch_device_ok
+from .triton_support import check_launch, interpreting, tl, triton
 
 __all__ = [
     "fp8_gemm",
@@ -43,15 +43,9 @@ __all__ = [
 
 ACTIVATIONS = (None, "gelu_tanh", "gelu")
 
-try:  # kernels are optional at import time: CPU-only installs run the references
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
-
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton: the tiled kernel only
+except ImportError:  # pragma: no cover - no triton, or an older one: the tiled kernel only
     TensorDescriptor = None
 
 
@@ -192,24 +186,12 @@ def _tune(m, n, k, device) -> Fp8GemmConfig:
 if triton is not None:
 
     @triton.jit
-    def _epilogue(
-        acc,
-        offs_m,
-        offs_n,
-        M,
-        N,
-        a_scale_ptr,
-        w_scale_ptr,
-        bias_ptr,
-        res_ptr,
-        gate_ptr,
-        tokens,
-        gate_stride,
-        ROW_SCALE: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        GELU: tl.constexpr,
+    def _epilogue_store(
+        acc, offs_m, offs_n, out_ptr, M, N, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, gate_ptr, tokens,
+        gate_stride, ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
         GATED_RES: tl.constexpr,
     ):
+        """Scales, bias, GELU and the gated residual on an fp32 output tile, then its masked store."""
         mask_m = offs_m < M
         mask_n = offs_n < N
         if ROW_SCALE:
@@ -225,13 +207,13 @@ if triton is not None:
             acc = acc * tl.sigmoid(tl.minimum(tl.maximum(2.0 * u, -80.0), 80.0))  # clamp: exp() stays finite
         elif GELU == 2:  # exact: 0.5 x (1 + erf(x / sqrt(2)))
             acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+        mask = mask_m[:, None] & mask_n[None, :]
+        rows = offs_m.to(tl.int64)[:, None]
         if GATED_RES:  # adaLN-Zero residual: out = residual + gate[batch] * y
-            mask = mask_m[:, None] & mask_n[None, :]
-            rows = offs_m.to(tl.int64)[:, None]
             g = tl.load(gate_ptr + (rows // tokens) * gate_stride + offs_n[None, :], mask=mask, other=0.0)
             r = tl.load(res_ptr + rows * N + offs_n[None, :], mask=mask, other=0.0)
             acc = r.to(tl.float32) + g.to(tl.float32) * acc
-        return acc
+        tl.store(out_ptr + rows * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -247,27 +229,10 @@ if triton is not None:
 
     @triton.jit
     def _fp8_gemm_kernel(
-        a_ptr,
-        w_ptr,
-        out_ptr,
-        a_scale_ptr,
-        w_scale_ptr,
-        bias_ptr,
-        res_ptr,
-        gate_ptr,
-        tokens,
-        gate_stride,
-        M,
-        N,
-        K,
-        ROW_SCALE: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        GELU: tl.constexpr,
-        GATED_RES: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
+        a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, gate_ptr, tokens, gate_stride,
+        M, N, K,
+        ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GATED_RES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -283,53 +248,15 @@ if triton is not None:
             acc = tl.dot(a, w, acc)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        acc = _epilogue(
-            acc,
-            offs_m,
-            offs_n,
-            M,
-            N,
-            a_scale_ptr,
-            w_scale_ptr,
-            bias_ptr,
-            res_ptr,
-            gate_ptr,
-            tokens,
-            gate_stride,
-            ROW_SCALE,
-            HAS_BIAS,
-            GELU,
-            GATED_RES,
-        )
-        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(
-            out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N)
-        )
+        _epilogue_store(acc, offs_m, offs_n, out_ptr, M, N, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
+                        gate_ptr, tokens, gate_stride, ROW_SCALE, HAS_BIAS, GELU, GATED_RES)
 
     @triton.jit
     def _fp8_gemm_persistent_kernel(
-        a_desc,
-        w_desc,
-        out_ptr,
-        a_scale_ptr,
-        w_scale_ptr,
-        bias_ptr,
-        res_ptr,
-        gate_ptr,
-        tokens,
-        gate_stride,
-        M,
-        N,
-        K,
-        NUM_PROGRAMS,
-        ROW_SCALE: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        GELU: tl.constexpr,
-        GATED_RES: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
+        a_desc, w_desc, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr, gate_ptr, tokens, gate_stride,
+        M, N, K, NUM_PROGRAMS,
+        ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GATED_RES: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
@@ -341,28 +268,8 @@ if triton is not None:
                 acc = tl.dot(a, w.T, acc)
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            acc = _epilogue(
-                acc,
-                offs_m,
-                offs_n,
-                M,
-                N,
-                a_scale_ptr,
-                w_scale_ptr,
-                bias_ptr,
-                res_ptr,
-                gate_ptr,
-                tokens,
-                gate_stride,
-                ROW_SCALE,
-                HAS_BIAS,
-                GELU,
-                GATED_RES,
-            )
-            out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-            tl.store(
-                out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N)
-            )
+            _epilogue_store(acc, offs_m, offs_n, out_ptr, M, N, a_scale_ptr, w_scale_ptr, bias_ptr, res_ptr,
+                            gate_ptr, tokens, gate_stride, ROW_SCALE, HAS_BIAS, GELU, GATED_RES)
 
 
 def _check(a, a_scale, w, w_scale, bias, activation, out_dtype):
@@ -422,18 +329,10 @@ def _check_gated(residual, gate, m, n, device) -> int:
 
 
 def fp8_gemm(
-    a: torch.Tensor,
-    a_scale: torch.Tensor,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    activation: str | None = None,
-    out_dtype: torch.dtype = torch.bfloat16,
-    config: Fp8GemmConfig | None = None,
-    out: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None,
+    a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None, *, activation: str | None = None,
+    out_dtype: torch.dtype = torch.bfloat16, config: Fp8GemmConfig | None = None,
+    out: torch.Tensor | None = None, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act((a @ w.T) * a_scale * w_scale + bias)`` with the Triton FP8 kernels.
 
@@ -446,7 +345,7 @@ def fp8_gemm(
     """
     m, n, k = _check(a, a_scale, w, w_scale, bias, activation, out_dtype)
     tokens = _check_gated(residual, gate, m, n, a.device)
-    launch_device_ok(a, "fp8_gemm")
+    check_launch(a.device, "fp8_gemm")
     if a.device.type == "cuda" and not has_fp8_tensor_cores(a.device):
         raise RuntimeError(
             f"fp8_gemm needs FP8 tensor cores (sm_89+); {torch.cuda.get_device_name(a.device)} "
@@ -522,18 +421,10 @@ def _num_sms(device: torch.device) -> int:
 
 
 def fp8_gemm_ref(
-    a: torch.Tensor,
-    a_scale: torch.Tensor,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    activation: str | None = None,
-    out_dtype: torch.dtype = torch.bfloat16,
-    config: Fp8GemmConfig | None = None,
-    out: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None,
+    a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None, *, activation: str | None = None,
+    out_dtype: torch.dtype = torch.bfloat16, config: Fp8GemmConfig | None = None,
+    out: torch.Tensor | None = None, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch :func:`fp8_gemm`: the FP8 operands widened to fp32, fp32 matmul and epilogue (``config``
     is accepted and ignored)."""

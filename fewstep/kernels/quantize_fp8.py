@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["quantize_fp8", "quantize_fp8_ref", "E4M3_MAX", "MIN_SCALE", "round_e4m3_ref", "interpreting"]
+from .triton_support import MAX_ROW, check_launch, interpreting, row_config, tl, triton
+
+# MAX_ROW and interpreting live in triton_support; they stay importable from here
+__all__ = ["quantize_fp8", "quantize_fp8_ref", "E4M3_MAX", "MIN_SCALE", "MAX_ROW", "round_e4m3_ref",
+           "interpreting"]
 
 E4M3_MAX = 448.0
 # absmax floor: an all-zero row gets a tiny positive scale (and q = 0) instead of 0/0
 MIN_SCALE = 1e-12
-MAX_ROW = 16384  # a row is held in registers in one tile (DiT-XL/2: 4608, Flux FF: 12288)
-
-try:  # kernels are optional at import time: CPU-only installs run the references
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
 
 
 if triton is not None:
@@ -69,15 +66,6 @@ if triton is not None:
         tl.store(q_ptr + row * K + offs, e4m3(x / scale, EXACT_ROUND), mask=mask)
 
 
-def interpreting() -> bool:
-    """Whether Triton kernels run under the interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_quantize_rows_kernel, InterpretedFunction)
-
-
 def _check_x(x: torch.Tensor, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -97,15 +85,6 @@ def _check_static_scale(scale, x) -> None:
         raise ValueError(f"scale: expected device {x.device}, got {scale.device}")
 
 
-def launch_device_ok(x: torch.Tensor, op: str) -> None:
-    if triton is None:
-        raise RuntimeError(f"{op} needs triton; use {op}_ref")
-    if x.device.type == "cpu" and not interpreting():
-        raise RuntimeError(
-            f"{op} on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported; use {op}_ref on CPU"
-        )
-
-
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations to E4M3 with the Triton kernel.
 
@@ -114,10 +93,9 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[to
     features) float8_e4m3fn`` (contiguous) and the scale: ``(tokens, 1)`` fp32 (dynamic) or ``scale`` itself.
     """
     _check_x(x)
-    launch_device_ok(x, "quantize_fp8")
+    check_launch(x.device, "quantize_fp8")
     m, k = x.shape
-    if k > MAX_ROW:
-        raise ValueError(f"quantize_fp8 holds a row in one tile: at most {MAX_ROW} features, got {k}")
+    launch = row_config(k, "quantize_fp8")
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     if scale is None:
         out_scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
@@ -126,18 +104,10 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[to
         out_scale = scale
     if m == 0:
         return q, out_scale
-    block = max(16, triton.next_power_of_2(k))
     _quantize_rows_kernel[(m,)](
-        x,
-        q,
-        out_scale,
-        k,
-        x.stride(0),
-        MIN_SCALE,
-        STATIC=scale is not None,
-        EXACT_ROUND=interpreting(),
-        BLOCK_K=block,
-        num_warps=4 if block <= 2048 else 8,
+        x, q, out_scale, k, x.stride(0), MIN_SCALE,
+        STATIC=scale is not None, EXACT_ROUND=interpreting(), BLOCK_K=launch.block,
+        num_warps=launch.num_warps,
     )
     return q, out_scale
 

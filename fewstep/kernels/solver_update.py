@@ -27,14 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .triton_support import LaunchConfig, check_launch, tl, triton
+
 __all__ = ["StageUpdate", "solver_update", "solver_update_ref", "ref_noise", "KernelConfig", "pick_config",
            "KERNEL_CONFIGS"]
-
-try:  # kernels are optional at import time: CPU-only installs run the references
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
 
 
 @dataclass(frozen=True)
@@ -101,14 +97,12 @@ class StageUpdate:
         )
 
 
-@dataclass(frozen=True)
-class KernelConfig:
-    block: int
-    num_warps: int
+# The solver update's launch: ``block`` elements per program, ``num_warps``.  A plan records the one it used
+# (``Plan.kernel_config``) and passes it back on every launch, so a loaded plan launches as it was built.
+KernelConfig = LaunchConfig
 
-
-# Candidate launch configs (data, per STYLE.md).  Not yet measured on a GPU: 1024 elements / 4 warps is
-# Triton's elementwise default (8 fp32 per thread, 128-bit accesses); tune on an H100 before trusting it.
+# Candidate launch configs, as data.  Not yet measured on a GPU: 1024 elements / 4 warps is Triton's
+# elementwise default (8 fp32 per thread, 128-bit accesses); tune on an H100 before trusting it.
 KERNEL_CONFIGS: tuple[KernelConfig, ...] = (KernelConfig(1024, 4), KernelConfig(2048, 8))
 
 
@@ -202,20 +196,19 @@ def solver_update(upd: StageUpdate, state: torch.Tensor, net_out: torch.Tensor |
 
     state: (R, N) fp32, contiguous.  net_out: G*N elements (G = 2 with guidance), any float dtype.  net_in:
     G*N elements, model dtype.  seed: (1,) int64.  z_out: optional (N,) fp32 that receives the noise drawn
-    (a debug hook for tests).  Outputs are written in place (static buffers of a plan), nothing is allocated.
-    CPU tensors run under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
+    (a debug hook for tests).  config: the launch (default :func:`pick_config`); a plan passes the one it
+    recorded.  Outputs are written in place (static buffers of a plan), nothing is allocated.  CPU tensors run
+    under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
     """
-    if triton is None:
-        raise RuntimeError("solver_update needs triton; use solver_update_ref")
     n = _check(upd, state, net_out, net_in, seed, z_out)
+    if config is not None and not isinstance(config, KernelConfig):
+        raise ValueError(f"config: expected a KernelConfig (block, num_warps), got {type(config).__name__}")
+    check_launch(state.device, "solver_update")
     if upd.n_rows == 0:
         return
-    if state.device.type == "cpu" and not _interpreting():
-        raise RuntimeError("solver_update on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
-                           "imported; use solver_update_ref on CPU")
     if state.numel() >= 2**31 or (net_out is not None and net_out.numel() >= 2**31):
         raise ValueError(f"solver_update uses 32-bit offsets; state has {state.numel()} elements")
-    cfg = config or pick_config(n)
+    cfg = config if config is not None else pick_config(n)
     dummy = state  # pointers a stage does not use are never dereferenced
     _solver_update_kernel[(triton.cdiv(n, cfg.block),)](
         state, net_out if net_out is not None else dummy, net_in if net_in is not None else dummy,
@@ -226,12 +219,6 @@ def solver_update(upd: StageUpdate, state: torch.Tensor, net_out: torch.Tensor |
         num_warps=cfg.num_warps,
         enable_fp_fusion=True,  # FMA contraction: one rounding per term instead of two
     )
-
-
-def _interpreting() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_solver_update_kernel, InterpretedFunction)
 
 
 def ref_noise(seed: int, noise_index: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -12,7 +12,14 @@ import torch
 pytest.importorskip("triton")
 
 import fewstep as fs  # noqa: E402
-from fewstep.kernels.solver_update import StageUpdate, solver_update, solver_update_ref  # noqa: E402
+from fewstep.kernels import solver_update as su  # noqa: E402
+from fewstep.kernels.solver_update import (  # noqa: E402
+    KernelConfig,
+    StageUpdate,
+    pick_config,
+    solver_update,
+    solver_update_ref,
+)
 
 from .programs import get_program, guided_toy_net, program_ids, toy_net  # noqa: E402
 
@@ -64,7 +71,8 @@ def _f64(upd, state, net_out, z):
 
 
 def _check_close(got, ref32, exact, dtype=torch.float32):
-    """STYLE.md: error vs float64 at most 2x plain PyTorch's in the same dtype (plus one rounding unit)."""
+    """Error vs float64 at most 2x plain PyTorch's in the same dtype (flash-attention's rule), plus one
+    rounding unit."""
     assert torch.isfinite(got).all(), "NaN/Inf in kernel output"
     e_kernel = (got.double() - exact).abs()
     e_torch = (ref32.double() - exact).abs()
@@ -183,6 +191,53 @@ def test_launcher_rejects_bad_buffers():
         solver_update(bad_row, state, None, None, None)
     with pytest.raises(ValueError, match="entries"):
         StageUpdate((0,), (0,), (1.0, 2.0), False, False, False, False, False)
+
+
+class _SpyKernel:
+    """Stands in for the Triton kernel: records each launch's grid and keywords, then runs the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("config", [KernelConfig(64, 2), KernelConfig(8192, 8), None])
+def test_given_launch_config_is_used(monkeypatch, config):
+    """A plan passes the launch config it recorded: the launcher must launch that one, not its own pick."""
+    structure = STRUCTURES[2]  # guided multistep: two registers written, net_in duplicated
+    upd, state, net_out, net_in = _make(structure, SHAPES[0], torch.float32)
+    n = state.shape[1]  # 3519: not a multiple of any block, so the tail is masked
+    spy = _SpyKernel(su._solver_update_kernel)
+    monkeypatch.setattr(su, "_solver_update_kernel", spy)
+    st_k, ni_k = state.clone(), net_in.clone()
+    solver_update(upd, st_k, net_out, ni_k, None, config=config)
+    want = config if config is not None else pick_config(n)
+    assert config is None or config != pick_config(n)  # a given config differs from the launcher's own pick
+    [(grid, kw)] = spy.launches
+    assert (kw["BLOCK"], kw["num_warps"]) == (want.block, want.num_warps)
+    assert grid == (-(-n // want.block),)
+    st_r, ni_r = state.clone(), net_in.clone()
+    solver_update_ref(upd, st_r, net_out, ni_r, None)
+    exact = _f64(upd, state, net_out, None)
+    for row in upd.reg_out:
+        _check_close(st_k[row].cpu(), st_r[row].cpu(), exact[row].cpu())
+    _check_close(ni_k.reshape(2, n)[1].cpu(), ni_r.reshape(2, n)[1].cpu(), exact["net_in"].cpu())
+
+
+def test_bad_launch_config_is_a_clear_error():
+    upd, state, net_out, net_in = _make(STRUCTURES[1], SHAPES[1], torch.float32)
+    with pytest.raises(ValueError, match=r"config: expected a KernelConfig .* got tuple"):
+        solver_update(upd, state, net_out, net_in, None, config=(1024, 4))
+    with pytest.raises(ValueError, match="block: expected a power of two, got 1000"):
+        KernelConfig(1000, 4)
+    with pytest.raises(ValueError, match="num_warps: expected one of"):
+        KernelConfig(1024, 3)
 
 
 _AOT = textwrap.dedent('''

@@ -4,10 +4,10 @@ from . import solvers
 from .solvers import ModelSpec, schedules
 
 __version__ = "0.1.0"
-__all__ = ["solvers", "schedules", "ModelSpec", "__version__", "compile", "Engine", "Plan", "load", "models",
-           "quant", "quantize"]
+__all__ = ["solvers", "schedules", "ModelSpec", "__version__", "compile", "Engine", "Plan", "PlanConfig",
+           "load", "PlanFileError", "CaptureError", "models", "quant", "quantize", "QuantConfig"]
 
-_ENGINE = ("compile", "Engine", "Plan", "load")
+_ENGINE = ("compile", "Engine", "Plan", "PlanConfig", "load", "PlanFileError", "CaptureError")
 
 
 def __getattr__(name):
@@ -21,8 +21,8 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
-    if name == "quantize":
-        from .quant import quantize
+    if name in ("quantize", "QuantConfig"):
+        from . import quant
 
-        return quantize
+        return getattr(quant, name)
     raise AttributeError(f"module 'fewstep' has no attribute {name!r}")

@@ -5,127 +5,116 @@ time inputs, conditioning, seed), runs the loop eagerly to warm the network and 
 CUDA captures all network calls and all solver updates into one CUDA graph.  A call copies the inputs into
 the static buffers and replays: no host sync, no allocation and no Python per step.  On CPU, or with
 ``cuda_graph=False``, the same loop runs eagerly (through the kernels' PyTorch references on CPU).
+
+Threads: a plan's buffers are static, so one call at a time may use them.  Each plan holds a lock for the
+whole call (copy-in, replay, copy-out); calls on one plan from many threads are serialized and each gets its
+own result, calls on different plans run in parallel.  On CUDA every call is enqueued on the device's default
+stream (ordered after the caller's current stream and before its next work), so the GPU runs the calls of all
+plans one after another, in the order their locks were taken: plans that share a graph memory pool
+(``fs.Engine``) never replay at the same time, which is what sharing a pool requires.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import re
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from ..kernels.solver_update import KernelConfig, StageUpdate, pick_config, solver_update, solver_update_ref
-from ..solvers import ModelSpec, StepProgram, build
+from ..kernels.solver_update import StageUpdate, pick_config, solver_update, solver_update_ref
+from ..solvers import StepProgram
+from ._checks import as_device, as_dtype, as_shape
+from .config import PlanConfig, plan_config
+from .planfile import write_plan_file
 
-__all__ = ["Plan", "compile", "load", "CaptureError"]
+__all__ = ["Plan", "CaptureError", "check_required_cond"]
 
 Model = Callable[..., torch.Tensor]
-_FORMAT = "fewstep.plan/1"
+_CAPTURE_LOCK = threading.Lock()  # one CUDA graph capture at a time in this process (see _capture)
 
 
 class CaptureError(RuntimeError):
     """The network did something a CUDA graph cannot record (a host sync or a host-to-device copy)."""
 
 
-def compile(model: Model, spec: ModelSpec, *, solver: str, nfe: int, shape: Sequence[int],
-            dtype: torch.dtype | None = None, guidance_scale: float | None = None,
-            device: torch.device | str | None = None, spacing: Any = None, cuda_graph: bool = True,
-            check_finite: bool = False, compile_network: bool | str = False,
-            cond: Mapping[str, torch.Tensor] | None = None, kernels: str = "auto", graph_pool: Any = None,
-            record_noise: bool = False, quant: str | None = None,
-            quant_options: Mapping[str, Any] | None = None, **solver_options: Any) -> "Plan":
-    """Build solver ``solver`` with ``nfe`` calls for ``model`` and bind it to static buffers of ``shape``.
-
-    model: ``model(x, t, **cond) -> raw output`` with ``t`` a ``(x.shape[0],)`` float32 tensor on the device;
-    with guidance ``x`` has batch ``2 * shape[0]`` and the model builds ``[uncond; cond]`` from ``cond`` (as
-    the adapters in ``fs.models`` do).  shape: the noise shape ``(batch, ...)``.  dtype: the network's input
-    dtype (default: the model's parameter dtype, else float32); the solver state stays fp32.  cond: example
-    conditioning tensors (shapes and dtypes of every call; values used for warm-up).  compile_network: True or
-    a torch.compile mode without its own cudagraphs ("default", "max-autotune-no-cudagraphs"); CUDA only, on
-    CPU it warns and runs eager.  kernels: "auto" (Triton on CUDA, references on CPU), "triton" or "torch".
-    graph_pool: a CUDA graph memory pool shared with other plans (``fs.Engine`` passes one); plans sharing a
-    pool must not be replayed concurrently.  record_noise: keep the noise each stage drew (tests).
-    quant: None, "fp8" (FP8 tensor cores, sm_89+) or "fp8-emulated" (FP8 numerics with PyTorch ops): the
-    model's linear layers are swapped in place (``fs.quantize``) before capture; quant_options: see
-    ``fewstep.engine.quantized.quantize_for_plan`` (static calibration on this plan's timesteps, skip rules).
-    solver_options: the solver's options (``fs.solvers.get(solver).options``).
-    """
-    prog = build(solver, spec, nfe, spacing, guidance_scale=guidance_scale, **solver_options)
-    kw = dict(shape=shape, dtype=dtype, device=device, cuda_graph=cuda_graph, check_finite=check_finite,
-              compile_network=compile_network, cond=cond, kernels=kernels, graph_pool=graph_pool,
-              record_noise=record_noise)
-    quant_structure = None
-    if quant is None and quant_options:
-        raise ValueError("quant_options given without quant=; pass quant='fp8' or 'fp8-emulated'")
-    if quant is not None:
-        from .quantized import quantize_for_plan
-
-        quant_structure = quantize_for_plan(model, quant, prog, kw, quant_options)
-    return Plan(model, prog, **kw, quant_structure=quant_structure)
-
-
 class Plan:
-    """A compiled sampler; call it as ``plan(noise, seed=None, generator=None, copy=True, **cond)``."""
+    """A compiled sampler; call it as ``plan(noise, seed=None, generator=None, copy=True, **cond)``.
 
-    def __init__(self, model: Model, program: StepProgram, *, shape: Sequence[int], dtype=None, device=None,
-                 cuda_graph: bool = True, check_finite: bool = False, compile_network: bool | str = False,
-                 cond: Mapping[str, torch.Tensor] | None = None, kernels: str = "auto",
-                 graph_pool: Any = None, record_noise: bool = False,
-                 kernel_config: KernelConfig | None = None, quant_structure: dict | None = None):
+    ``Plan(model, program, shape=..., device=None, cond=None, config=PlanConfig(...))``, or the config's
+    fields as keywords.  cond: example conditioning tensors (their shapes and dtypes are those of every call;
+    their values feed the warm-up).  graph_pool: a CUDA graph memory pool shared with other plans
+    (``fs.Engine`` passes one).  quant: the :class:`fewstep.quant.QuantConfig` the model was quantized with
+    (for :meth:`save`).
+    """
+
+    def __init__(self, model: Model, program: StepProgram, *, shape: Sequence[int], device=None,
+                 cond: Mapping[str, torch.Tensor] | None = None, config: PlanConfig | None = None,
+                 graph_pool: Any = None, quant: Any = None, **options: Any):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, **cond), got {type(model).__name__}")
         if not isinstance(program, StepProgram):
             raise TypeError(f"program must be a StepProgram, got {type(program).__name__}")
+        config = plan_config(config, options)
         self.program = program
-        self.shape = _as_shape(shape)
-        self.device = _as_device(device, model)
-        self.dtype = _as_dtype(dtype, model)
+        self.shape = as_shape(shape)
+        self.device = as_device(device, model)
+        self.dtype = as_dtype(config.dtype, model)
         self.guided = program.guidance_scale is not None
-        self.check_finite = bool(check_finite)
-        self._requested = {"cuda_graph": bool(cuda_graph), "kernels": kernels}
-        if kernels not in ("auto", "triton", "torch"):
-            raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {kernels!r}")
+        self.check_finite = config.check_finite
+        self.compile_network = config.compile_network
+        kernels = config.kernels
         if kernels == "auto":
             kernels = "triton" if self.device.type == "cuda" and _has_triton() else "torch"
         self.kernels = kernels
-        if kernels == "torch" and self.device.type == "cuda" and cuda_graph and program.stochastic:
+        if kernels == "torch" and self.device.type == "cuda" and config.cuda_graph and program.stochastic:
             raise ValueError("kernels='torch' draws noise on the host and cannot be captured in a CUDA "
                              "graph; use kernels='triton' or cuda_graph=False")
-        self._update = solver_update if kernels == "triton" else solver_update_ref
-        self.compile_network = compile_network
-        self._net = _maybe_compile(model, compile_network, self.device)
-        self._model, self._quant_structure = model, quant_structure  # FP8 state for save()
-
-        g, b = (2 if self.guided else 1), self.shape[0]
         n = math.prod(self.shape)
-        self.kernel_config = kernel_config or pick_config(n)
+        self.kernel_config = config.kernel_config or pick_config(n)
+        # the recorded launch goes to every kernel call (the references have no launch)
+        self._update = (functools.partial(solver_update, config=self.kernel_config) if kernels == "triton"
+                        else solver_update_ref)
+        # what save() writes: the request, with the dtype and launch this plan resolved
+        self.config = dataclasses.replace(config, dtype=self.dtype, kernel_config=self.kernel_config)
+        self._model, self._quant = model, quant
+        self._lock = threading.Lock()
         _check_register_reads(program)
+        g, b = (2 if self.guided else 1), self.shape[0]
         self._stage_calls, self._updates, noise_index = [], [], 0
         for st in program.stages:
             self._updates.append(StageUpdate.from_stage(st, program.registers, self.guided, noise_index))
             self._stage_calls.append(st.call is not None)
             noise_index += int(st.noise)
-        dev = self.device
-        self._state = torch.zeros(len(program.registers), n, dtype=torch.float32, device=dev)
-        self._net_in = torch.zeros((g * b,) + self.shape[1:], dtype=self.dtype, device=dev)
-        # one tensor per call (not views of one table): each is aligned and a distinct input to torch.compile
-        self._t = [torch.full((g * b,), t, dtype=torch.float32, device=dev) for t in program.timesteps]
-        self._seed = torch.zeros(1, dtype=torch.int64, device=dev)
-        self._z = ([torch.zeros(n, dtype=torch.float32, device=dev) for _ in range(noise_index)]
-                   if record_noise else None)
-        self._cond = {}
         for k, v in (cond or {}).items():
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"cond[{k!r}] must be a tensor, got {type(v).__name__}")
-            self._cond[k] = torch.empty(v.shape, dtype=v.dtype, device=dev).copy_(v)
-        self._graph = None
-        self.build_seconds = 0.0
-        t0 = time.perf_counter()
-        self._warm_up_and_capture(cuda_graph, graph_pool)
-        self.build_seconds = time.perf_counter() - t0
+        check_required_cond(model, cond)
+        self._net = _maybe_compile(model, config.compile_network, self.device)
+        dev = self.device
+        # Normal tensors even when built under torch.inference_mode (later calls outside it write into them);
+        # no autograd anywhere in a plan.
+        with torch.inference_mode(False), torch.no_grad():
+            self._state = torch.zeros(len(program.registers), n, dtype=torch.float32, device=dev)
+            self._net_in = torch.zeros((g * b,) + self.shape[1:], dtype=self.dtype, device=dev)
+            # one tensor per call (not views of one table): each is aligned and a distinct torch.compile input
+            self._t = [torch.full((g * b,), t, dtype=torch.float32, device=dev) for t in program.timesteps]
+            self._seed = torch.zeros(1, dtype=torch.int64, device=dev)
+            self._z = ([torch.zeros(n, dtype=torch.float32, device=dev) for _ in range(noise_index)]
+                       if config.record_noise else None)
+            self._cond = {k: torch.empty(v.shape, dtype=v.dtype, device=dev).copy_(v)
+                          for k, v in (cond or {}).items()}
+            self._graph = None
+            t0 = time.perf_counter()
+            self._warm_up_and_capture(config.cuda_graph, graph_pool)
+            self.build_seconds = time.perf_counter() - t0
 
     # -- public -----------------------------------------------------------------------------------------
     @property
@@ -156,34 +145,42 @@ class Plan:
         """Sample from standard-normal ``noise`` of the plan's shape; returns the fp32 sample.
 
         seed / generator (a CPU generator) pick the noise of stochastic solvers (default: a fresh seed from
-        torch's global generator); the same seed reproduces a sample bit for bit.  copy=False returns the
-        plan's static output buffer, overwritten by the next call.
+        torch's global generator); the same seed reproduces a sample bit for bit.  Never records autograd,
+        whatever the inputs.  Thread-safe: a lock makes each call atomic on the plan's buffers.
+        copy=False returns the plan's static output buffer instead of a copy: it is valid only until the next
+        call of this plan, from any thread, overwrites it; with several threads use copy=True.
         """
         self._check_inputs(noise, cond)
-        self._state[0].copy_(noise.reshape(-1))
-        for k, v in cond.items():
-            self._cond[k].copy_(v)
-        if self.program.stochastic:
-            self._seed.fill_(_draw_seed(seed, generator))
-        with torch.no_grad():
+        seed = _draw_seed(seed, generator) if self.program.stochastic else None
+        with self._lock, torch.no_grad(), _on_default_stream(self.device) as caller:
+            self._state[0].copy_(noise.reshape(-1))
+            for k, v in cond.items():
+                self._cond[k].copy_(v)
+            if seed is not None:
+                self._seed.fill_(seed)
             if self._graph is not None:
                 self._graph.replay()
             else:
                 self._run_loop()
-        out = self._state[0].view(self.shape)
-        if self.check_finite:
-            bad = int((~torch.isfinite(out)).sum())
-            if bad:
-                raise FloatingPointError(f"plan output has {bad} non-finite values (NaN/Inf) of "
-                                         f"{out.numel()}; check the network in dtype {self.dtype} and the "
-                                         f"solver settings")
-        return out.clone() if copy else out
+            out = self._state[0].view(self.shape)
+            if self.check_finite:
+                bad = int((~torch.isfinite(out)).sum())
+                if bad:
+                    raise FloatingPointError(f"plan output has {bad} non-finite values (NaN/Inf) of "
+                                             f"{out.numel()}; check the network in dtype {self.dtype} and "
+                                             f"the solver settings")
+            if copy:
+                out = out.clone()
+                if caller is not None:  # allocated on the plan's stream, used on the caller's
+                    out.record_stream(caller)
+        return out
 
     def recorded_noise(self) -> list[torch.Tensor]:
         """The noise each noisy stage drew in the last call (plans built with ``record_noise=True``)."""
         if self._z is None:
             raise RuntimeError("build the plan with record_noise=True to record its noise")
-        return [z.view(self.shape).clone() for z in self._z]
+        with self._lock:
+            return [z.view(self.shape).clone() for z in self._z]
 
     def describe(self) -> str:
         """The plan (shape, dtype, device, graph, kernels), every stage's time input, sigma, coefficients."""
@@ -200,26 +197,25 @@ class Plan:
                 f"device={self.device}, cuda_graph={self.cuda_graph})")
 
     def save(self, path) -> None:
-        """Save the program, shapes and kernel config (not the network) for :func:`load`.
+        """Write the plan (program, shapes, config, kernel launch, FP8 state; not the network) for fs.load.
 
-        The file is a pickle (``torch.save``): load only files you trust.
+        The file is data: a safetensors file whose metadata holds a versioned JSON document (see
+        ``fewstep.engine.planfile``); loading it never unpickles.
         """
-        torch.save({
-            "format": _FORMAT, "program": self.program, "shape": self.shape, "dtype": str(self.dtype),
-            "cuda_graph": self._requested["cuda_graph"], "check_finite": self.check_finite,
-            "compile_network": self.compile_network, "kernels": self._requested["kernels"],
-            "kernel_config": (self.kernel_config.block, self.kernel_config.num_warps),
-            "cond": {k: (tuple(v.shape), str(v.dtype)) for k, v in self._cond.items()},
-            "quant": self.quant_state(),
-        }, path)
+        q = self.quant_state() or {"config": None, "layers": None, "tensors": {}}
+        cond = {k: (tuple(v.shape), v.dtype) for k, v in self._cond.items()}
+        write_plan_file(path, program=self.program, shape=self.shape, cond=cond, config=self.config,
+                        quant=q["config"], quant_layers=q["layers"], tensors=q["tensors"])
 
     def quant_state(self) -> dict | None:
-        """The FP8 weights, scales and launch configs of a ``quant=`` plan (None without quantization)."""
-        if self._quant_structure is None:
+        """``{"config", "layers", "tensors"}``: the QuantConfig, per FP8 layer its buffer names and resolved
+        launch configs, and its buffers (on the CPU); None without quantization."""
+        if self._quant is None:
             return None
         from ..quant import export_state
 
-        return export_state(self._model, self._quant_structure)
+        layers, tensors = export_state(self._model)
+        return {"config": self._quant, "layers": layers, "tensors": tensors}
 
     # -- internals --------------------------------------------------------------------------------------
     def _run_loop(self, validate: bool = False) -> None:
@@ -240,20 +236,26 @@ class Plan:
             return [None] * len(self._updates)
         return [self._z[u.noise_index] if u.has_z else None for u in self._updates]
 
+    def _warm_up(self) -> None:
+        try:
+            self._run_loop(validate=True)
+        except TypeError as e:
+            clear = _cond_type_error(e, self._model, self._cond)
+            if clear is None:
+                raise
+            raise clear from e
+
     def _warm_up_and_capture(self, cuda_graph: bool, pool: Any) -> None:
-        with torch.no_grad():
-            if self.device.type != "cuda":
-                self._run_loop(validate=True)
-                return
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._run_loop(validate=True)  # compiles the network (torch.compile) and the kernels
-                if cuda_graph:
-                    _run_without_syncs(self._run_loop, self.device)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            if cuda_graph:
-                self._graph = _capture(self._run_loop, self.device, pool)
+        if self.device.type != "cuda":
+            self._warm_up()
+            return
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._warm_up()  # compiles the network (torch.compile) and the kernels
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if cuda_graph:
+            self._graph = _capture(self._run_loop, self.device, pool)
 
     def _check_output(self, out) -> None:
         want = (self._net_in.shape[0],) + self.shape[1:]
@@ -289,71 +291,64 @@ class Plan:
                     raise ValueError(f"cond[{k!r}] {what}: expected {want}, got {got}")
 
 
-def load(path, model: Model, *, device: torch.device | str | None = None, graph_pool: Any = None) -> Plan:
-    """Rebuild a plan saved with :meth:`Plan.save` around ``model`` (no solver build, recorded kernel config).
-
-    A quantized plan quantizes ``model`` (unquantized, same architecture) in place with the saved FP8 weights,
-    scales and launch configs: no calibration and no tuning.
-
-    The file is a pickle: load only files you trust.
-    """
-    data = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(data, dict) or data.get("format") != _FORMAT:
-        raise ValueError(f"{path}: not a fewstep plan file (format {_FORMAT})")
-    dtype = getattr(torch, data["dtype"].removeprefix("torch."))
-    cond = {k: torch.zeros(s, dtype=getattr(torch, d.removeprefix("torch.")))
-            for k, (s, d) in data["cond"].items()}
-    quant = data.get("quant")
-    if quant is not None:
-        from ..quant import restore_state
-
-        restore_state(model, quant)
-    return Plan(model, data["program"], shape=data["shape"], dtype=dtype, device=device,
-                cuda_graph=data["cuda_graph"], check_finite=data["check_finite"],
-                compile_network=data["compile_network"], cond=cond, kernels=data["kernels"],
-                graph_pool=graph_pool, kernel_config=KernelConfig(*data["kernel_config"]),
-                quant_structure=quant["structure"] if quant is not None else None)
-
-
 # -- helpers -------------------------------------------------------------------------------------------------
-def _as_shape(shape) -> tuple[int, ...]:
-    try:
-        s = tuple(int(d) for d in shape)
-    except TypeError:
-        raise TypeError(f"shape must be a sequence of ints like (batch, C, H, W), got {shape!r}") from None
-    if not s or any(d < 1 for d in s):
-        raise ValueError(f"shape must be non-empty with positive sizes, got {s}")
-    return s
+def check_required_cond(model: Model, cond: Mapping[str, Any] | None) -> None:
+    """Raise if ``model`` declares conditioning keywords (``model.required_cond``, as the adapters of
+    ``fs.models.from_diffusers`` do) that ``cond`` lacks."""
+    fn, required = model, None
+    while required is None and fn is not None:  # through wrappers (functools.wraps, Calibrator.wrap)
+        required = getattr(fn, "required_cond", None)
+        fn = getattr(fn, "__wrapped__", None)
+    missing = [k for k in (required or ()) if k not in (cond or {})]
+    if missing:
+        raise ValueError(f"{_name(model)} needs the conditioning {missing}, got {sorted(cond or {})}: pass "
+                         f"example tensors as fs.compile(..., cond={{{missing[0]!r}: ...}}) (with fs.Engine, "
+                         f"as keywords of each call); they fix the shapes and dtypes of every call")
 
 
-def _model_param(model):
-    if isinstance(model, torch.nn.Module):
-        return next(iter(model.parameters()), None)
+_MISSING_ARG = re.compile(r"missing \d+ required (?:keyword-only |positional )?arguments?: (.+)$")
+_EXTRA_ARG = re.compile(r"got an unexpected keyword argument '(\w+)'")
+
+
+def _cond_type_error(e: TypeError, model: Model, cond: Mapping[str, Any]) -> TypeError | None:
+    """A clear error for a model called without a conditioning keyword it needs (or with one it does not
+    take), else None.  Python's own message names the arguments; one we passed cannot be the missing one."""
+    msg = str(e)
+    m = _MISSING_ARG.search(msg)
+    names = re.findall(r"'(\w+)'", m[1]) if m else []
+    if names and not set(names) & set(cond):
+        return TypeError(f"{_name(model)} needs the conditioning keyword(s) {names} (the plan has "
+                         f"{sorted(cond)}): pass example tensors as fs.compile(..., cond={{{names[0]!r}: "
+                         f"...}}) (with fs.Engine, as keywords of each call). The model raised: {msg}")
+    m = _EXTRA_ARG.search(msg)
+    if m and m[1] in cond:
+        return TypeError(f"{_name(model)} does not take the conditioning keyword {m[1]!r} given in cond=. "
+                         f"The model raised: {msg}")
     return None
 
 
-def _as_device(device, model) -> torch.device:
-    if device is None:
-        p = _model_param(model)
-        device = p.device if p is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device='cuda' but CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-    elif device.type != "cpu":
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device}")
-    return device
+def _name(model) -> str:
+    return f"the model ({type(model).__name__})" if not hasattr(model, "__name__") else \
+        f"the model ({model.__name__})"
 
 
-def _as_dtype(dtype, model) -> torch.dtype:
-    if dtype is None:
-        p = _model_param(model)
-        dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    return dtype
+@contextmanager
+def _on_default_stream(device: torch.device):
+    """Run the block on ``device``'s default stream, after the caller's current stream's work and before its
+    next; yields the caller's stream if it is another one (else None).  CPU: nothing to do."""
+    if device.type != "cuda":
+        yield None
+        return
+    plan_stream, caller = torch.cuda.default_stream(device), torch.cuda.current_stream(device)
+    if plan_stream == caller:
+        yield None
+        return
+    plan_stream.wait_stream(caller)
+    try:
+        with torch.cuda.stream(plan_stream):
+            yield caller
+    finally:
+        caller.wait_stream(plan_stream)
 
 
 def _has_triton() -> bool:
@@ -363,15 +358,11 @@ def _has_triton() -> bool:
 
 
 def _maybe_compile(model, compile_network, device):
-    if compile_network is False or compile_network is None:
+    if compile_network is False:
         return model
     mode = "default" if compile_network is True else compile_network
-    if mode not in ("default", "max-autotune-no-cudagraphs"):
-        raise ValueError(f"compile_network must be True, 'default' or 'max-autotune-no-cudagraphs' (a mode "
-                         f"without its own CUDA graphs: the plan captures one graph around everything), "
-                         f"got {mode!r}")
     if device.type != "cuda":
-        warnings.warn("compile_network=True is CUDA-only; running the network eagerly on CPU", stacklevel=3)
+        warnings.warn("compile_network=True is CUDA-only; running the network eagerly on CPU", stacklevel=4)
         return model
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
@@ -398,50 +389,47 @@ def _draw_seed(seed, generator) -> int:
     return seed
 
 
-_SYNC_HINT = ("a CUDA graph cannot record host syncs (.item(), .cpu(), .tolist(), torch.nonzero, a "
-              "tensor-valued `if`, printing a tensor) or host-to-device copies (torch.tensor(..., "
-              "device='cuda'), x.to('cuda') of a CPU tensor) inside the network; remove them or compile "
-              "with cuda_graph=False")
-
-
-def _run_without_syncs(fn, device) -> None:
-    prev = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fn()
-    except RuntimeError as e:
-        if "synchroniz" in str(e):
-            raise CaptureError(f"the model synchronizes with the host ({e}); {_SYNC_HINT}") from e
-        raise
-    finally:
-        torch.cuda.set_sync_debug_mode(prev)
+_SYNC_HINT = ("the model synchronizes with the host or copies from it while a CUDA graph records: a graph "
+              "cannot record host syncs (.item(), .cpu(), .tolist(), torch.nonzero, a tensor-valued `if`, "
+              "printing a tensor) or host-to-device copies (torch.tensor(..., device='cuda'), x.to('cuda') "
+              "of a CPU tensor) inside the network; remove them or compile with cuda_graph=False")
 
 
 def _capture(fn, device, pool):
-    """Capture ``fn`` into a CUDA graph; on any error end the capture cleanly and raise CaptureError."""
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream(device)
-    torch.cuda.synchronize(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    err: BaseException | None = None
-    with torch.cuda.stream(side):
-        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-        try:
-            fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised below after ending the capture
-            err = e
-        finally:
-            try:
-                graph.capture_end()
-            except BaseException as e:  # noqa: BLE001
-                err = err or e
-    torch.cuda.current_stream(device).wait_stream(side)
-    if err is not None:
-        del graph
+    """Capture ``fn`` into a CUDA graph; on any error end the capture cleanly and raise CaptureError.
+
+    One capture at a time in the process (a lock): plans of an Engine capture into one shared memory pool,
+    and PyTorch documents sharing a pool between graphs, not between captures under way at once.  The
+    capture's error mode is thread-local, so other threads keep running (and syncing) meanwhile; a sync by
+    the network itself fails the capture and is reported as a CaptureError.
+    """
+    with _CAPTURE_LOCK:
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(device)
         torch.cuda.synchronize(device)
-        msg = str(err)
-        if any(s in msg for s in ("capturing", "StreamCapture", "synchroniz")):
-            raise CaptureError(f"CUDA graph capture failed: {msg.splitlines()[0] if msg else err!r}; "
-                               f"{_SYNC_HINT}") from err
-        raise err
-    return graph
+        side.wait_stream(torch.cuda.current_stream(device))
+        err: BaseException | None = None
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised below after ending the capture
+                err = e
+            finally:
+                try:
+                    graph.capture_end()
+                except BaseException as e:  # noqa: BLE001
+                    err = err or e
+        torch.cuda.current_stream(device).wait_stream(side)
+        if err is not None:
+            del graph
+            try:
+                torch.cuda.synchronize(device)
+            except RuntimeError:  # a capture invalidated by a sync can leave that error pending
+                pass
+            msg = str(err)
+            if any(s in msg for s in ("capturing", "StreamCapture", "synchroniz", "not permitted")):
+                raise CaptureError(f"CUDA graph capture failed: {msg.splitlines()[0] if msg else err!r}; "
+                                   f"{_SYNC_HINT}") from err
+            raise err
+        return graph

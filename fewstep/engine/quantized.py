@@ -2,83 +2,68 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
-__all__ = ["QUANT_OPTIONS", "quantize_for_plan"]
+from ..quant import Calibrator, QuantConfig, quantize
+from ..quant.quantize_model import find_network
+from ..solvers import StepProgram
+from ._checks import as_device, as_dtype
+from .config import PlanConfig
+from .plan import Plan
 
-# quant_options keys: those of fs.quantize, and the calibration's
-_STRUCTURE = ("skip", "extra_skip", "fuse_qkv", "fuse_blocks", "tune")
-QUANT_OPTIONS = _STRUCTURE + (
-    "activation_scales",
-    "calibration_inputs",
-    "method",
-    "percentile",
-    "combine",
-    "seed",
-)
+__all__ = ["quantize_for_plan"]
 
 
-def quantize_for_plan(
-    model, quant: str, program, plan_kwargs: Mapping[str, Any], options: Mapping[str, Any] | None
-) -> dict | None:
-    """Quantize ``model`` in place for a plan of ``program``; returns the ``quantize`` options (None if there
-    was nothing to quantize).
+def quantize_for_plan(model, quant: QuantConfig, program: StepProgram, *, shape: tuple[int, ...], device,
+                      cond: Mapping[str, torch.Tensor] | None, config: PlanConfig) -> QuantConfig | None:
+    """Quantize ``model`` in place for a plan of ``program`` (``shape`` noise on ``device``, conditioning
+    ``cond``, run as ``config`` says); returns ``quant`` (None if there was nothing to quantize).
 
-    options: ``fs.quantize``'s keywords (skip, extra_skip, fuse_qkv, fuse_blocks, tune) and activation_scales
-    ("dynamic", default; or "static": calibrated here), calibration_inputs (noise tensors of the plan's shape,
-    or a count of seeded random ones; default 4), method ("absmax" | "percentile"), percentile, combine ("max"
-    | "mean" over the plan's timesteps), seed.
+    A network is quantized and calibrated once: a second plan on the same model (another shape, solver or
+    nfe; every plan of an ``fs.Engine``) reuses its FP8 layers and static scales, and asking for another
+    structure or calibration is a ValueError.  One network holds one set of scales: calibrating again would
+    change them under the plans already built (and under a CUDA graph, replace tensors it reads).
     """
-    from ..quant import Calibrator, check_mode, quantize
-    from ..quant.quantize_model import find_network
-    from .plan import Plan, _as_device, _as_dtype
-
-    check_mode(quant)
-    opts = dict(options or {})
-    unknown = sorted(set(opts) - set(QUANT_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown quant_options {unknown}; known: {list(QUANT_OPTIONS)}")
-    scales = opts.pop("activation_scales", "dynamic")
-    if scales not in ("dynamic", "static"):
-        raise ValueError(f"activation_scales must be 'dynamic' or 'static', got {scales!r}")
-    structure = {k: opts.pop(k) for k in _STRUCTURE if k in opts}
-    inputs = opts.pop("calibration_inputs", 4)
-    method, percentile = opts.pop("method", "absmax"), opts.pop("percentile", 99.99)
-    combine, seed = opts.pop("combine", "max"), opts.pop("seed", 0)
     net = find_network(model)
     report = getattr(net, "_fewstep_quant", None)
     if report is None:
-        report = quantize(model, quant, **structure)
-    elif report.mode != quant or (structure and structure != {k: report.options[k] for k in structure}):
-        raise ValueError(
-            f"the model is already quantized (quant={report.mode!r}, {report.options}); pass a "
-            f"fresh model to compile with quant={quant!r} and {structure}"
-        )
+        report = quantize(model, quant.mode, **quant.structure)
+    elif report.mode != quant.mode or report.options != quant.structure:
+        raise ValueError(f"the model is already quantized (quant={report.mode!r}, {report.options}); pass a "
+                         f"fresh model to compile with quant={quant.mode!r} and {quant.structure}")
     if not report.quantized:
         return None
-    if scales == "static":
-        shape = tuple(plan_kwargs["shape"])
-        if isinstance(inputs, int):
-            if inputs < 1:
-                raise ValueError(f"calibration_inputs must be >= 1, got {inputs}")
-            g = torch.Generator().manual_seed(int(seed))
-            inputs = [torch.randn(shape, generator=g) for _ in range(inputs)]
-        device = _as_device(plan_kwargs.get("device"), model)  # the wrapped callable below hides the model
-        kw = {
-            **plan_kwargs,
-            "cuda_graph": False,
-            "record_noise": False,
-            "device": device,
-            "dtype": _as_dtype(plan_kwargs.get("dtype"), model),
-        }
-        with Calibrator(net, program.nfe, method=method, percentile=percentile) as cal:
-            plan = Plan(cal.wrap(model), program, **kw)
-            cal.reset()  # the build's warm-up ran on zeros
-            cond = {k: v for k, v in plan._cond.items()}
-            for i, x in enumerate(inputs):
-                plan(x.to(plan.device), seed=int(seed) + i, **cond)
-        cal.finish(combine)
-    return dict(report.options)
+    if quant.activation_scales == "static":
+        done = getattr(net, "_fewstep_calibration", None)
+        if done is None:
+            _calibrate(model, net, quant, program, shape, device, cond, config)
+            net._fewstep_calibration = quant
+        elif done != quant:
+            raise ValueError(f"the model's static scales were calibrated with {done}; pass a fresh model to "
+                             f"calibrate with {quant}")
+    return quant
+
+
+def _calibrate(model, net, quant: QuantConfig, program, shape, device, cond, config: PlanConfig) -> None:
+    """Static scales over the plan's own timesteps: an eager plan (no graph, no torch.compile) of the same
+    program runs the calibration inputs while a Calibrator watches every FP8 layer."""
+    inputs = quant.calibration_inputs
+    if isinstance(inputs, int):
+        g = torch.Generator().manual_seed(quant.seed)
+        inputs = [torch.randn(shape, generator=g) for _ in range(inputs)]
+    bad = [tuple(x.shape) for x in inputs if tuple(x.shape) != tuple(shape)]
+    if bad:
+        raise ValueError(f"calibration_inputs: expected noise of the plan's shape {tuple(shape)}, got "
+                         f"{bad[0]}")
+    device = as_device(device, model)  # the wrapped callable below hides the model
+    eager = dataclasses.replace(config, dtype=as_dtype(config.dtype, model), cuda_graph=False,
+                                compile_network=False, record_noise=False)
+    with Calibrator(net, program.nfe, method=quant.method, percentile=quant.percentile) as cal:
+        plan = Plan(cal.wrap(model), program, shape=shape, device=device, cond=cond, config=eager)
+        cal.reset()  # the build's warm-up ran on zeros
+        for i, x in enumerate(inputs):
+            plan(x.to(plan.device), seed=quant.seed + i, **plan._cond)
+    cal.finish(quant.combine)

@@ -221,6 +221,8 @@ class _Adapter:
 
     model_class = ""
     cond_keys: tuple[str, ...] = ()
+    # the conditioning keywords every call needs (fs.compile checks ``cond=`` against it before warm-up)
+    required_cond: tuple[str, ...] = ()
 
     def __init__(self, model: torch.nn.Module, scheduler_config: Mapping[str, Any] | None = None):
         self.model = model
@@ -240,6 +242,7 @@ class DiTAdapter(_Adapter):
 
     model_class = "DiTTransformer2DModel"
     cond_keys = ("class_labels", "cross_attention_kwargs")
+    required_cond = ("class_labels",)
 
     @property
     def null_class(self) -> int:
@@ -294,6 +297,11 @@ class UNetAdapter(_Adapter):
         "class_labels",
         "cross_attention_kwargs",
     )
+
+    @property
+    def required_cond(self) -> tuple[str, ...]:
+        sdxl = self.config.addition_embed_type == "text_time"
+        return ("encoder_hidden_states",) + (("text_embeds", "time_ids") if sdxl else ())
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, t: Any, **cond: Any) -> torch.Tensor:
@@ -372,6 +380,7 @@ class SD3Adapter(_FlowAdapter):
         "negative_pooled_projections",
         "joint_attention_kwargs",
     )
+    required_cond = ("encoder_hidden_states", "pooled_projections")
 
     def _image_seq_len(self, shape):
         p = self.config.patch_size
@@ -417,6 +426,7 @@ class FluxAdapter(_FlowAdapter):
         "img_ids",
         "joint_attention_kwargs",
     )
+    required_cond = ("encoder_hidden_states", "pooled_projections")
 
     def _image_seq_len(self, shape):
         return (shape[-2] // 2) * (shape[-1] // 2) if len(shape) == 4 else shape[1]

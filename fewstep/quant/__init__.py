@@ -2,9 +2,11 @@
 
 report = fs.quantize(model, "fp8")            # in place; "fp8-emulated" on CPU / GPUs without FP8
 plan = fs.compile(model, spec, ..., quant="fp8", quant_options={"activation_scales": "static"})
+plan = fs.compile(model, spec, ..., quant=fs.QuantConfig("fp8", activation_scales="static"))  # the same
 """
 
 from .calibrate import CALIBRATION_METHODS, COMBINE, Calibrator
+from .config import QUANT_OPTIONS, QuantConfig, quant_config
 from .dit_block import FP8DiTBlock
 from .fp8_linear import FP8Conv1x1, FP8Linear, quantize_weight
 from .quantize_model import (
@@ -16,10 +18,13 @@ from .quantize_model import (
     quantize,
     quantized_layers,
 )
-from .state import export_state, restore_state
+from .state import check_state, export_state, restore_state
 
 __all__ = [
     "quantize",
+    "QuantConfig",
+    "QUANT_OPTIONS",
+    "quant_config",
     "QuantReport",
     "SkipRule",
     "DEFAULT_SKIP",
@@ -34,5 +39,6 @@ __all__ = [
     "COMBINE",
     "quantized_layers",
     "export_state",
+    "check_state",
     "restore_state",
 ]

@@ -1,61 +1,130 @@
-"""Save and restore a quantized network's FP8 state (weights, scales, launch configs) without calibrating."""
+"""Save and restore a quantized network's FP8 state (weights, scales, launch configs) without calibrating.
+
+The state is data: per FP8 layer a JSON entry (which buffers it has, its resolved GEMM launch configs) and
+tensors named ``"<layer>/<buffer>"`` (``weight`` E4M3, ``weight_scale`` fp32, ``bias``, ``act_scale`` when
+static).  Plan files store the JSON in their document and the tensors beside it (safetensors).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from ..kernels.fp8_gemm import Fp8GemmConfig
+from .config import QuantConfig
 from .quantize_model import find_network, quantize, quantized_layers
 
-__all__ = ["export_state", "restore_state"]
+__all__ = ["export_state", "check_state", "restore_state"]
 
-_FORMAT = "fewstep.quant/1"
+_BUFFERS = ("weight", "weight_scale", "bias", "act_scale")
+_CONFIG_FIELDS = {f.name: f.type for f in dataclasses.fields(Fp8GemmConfig)}
 
 
-def export_state(model, structure: dict[str, Any]) -> dict:
-    """Everything :func:`restore_state` needs: the mode and ``quantize`` options (``structure``), and per FP8
-    layer its quantized weight, scales, bias, static activation scale and resolved launch configs
-    (on the CPU)."""
+def export_state(model) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """``(layers, tensors)`` of a network quantized with :func:`fewstep.quant.quantize`: per FP8 layer
+    ``{"buffers": [...], "configs": {M: Fp8GemmConfig fields}}``, and its buffers on the CPU."""
     net = find_network(model)
-    report = getattr(net, "_fewstep_quant", None)
-    if report is None:
+    if getattr(net, "_fewstep_quant", None) is None:
         raise ValueError("the model was not quantized with fewstep.quantize")
-    layers = {}
+    layers, tensors = {}, {}
     for name, m in quantized_layers(net).items():
+        bufs = m.state_dict()
         layers[name] = {
-            "buffers": {k: v.detach().cpu() for k, v in m.state_dict().items()},
-            "configs": {int(mm): c.to_dict() for mm, c in m.configs.items()},
+            "buffers": sorted(bufs),
+            "configs": {str(int(mm)): c.to_dict() for mm, c in sorted(m.configs.items())},
         }
-    return {"format": _FORMAT, "mode": report.mode, "structure": dict(structure), "layers": layers}
+        for k, v in bufs.items():
+            tensors[f"{name}/{k}"] = v.detach().cpu().contiguous().clone()
+    return layers, tensors
 
 
-def restore_state(model, state: dict) -> None:
-    """Quantize ``model`` (unquantized, the same architecture) as recorded in ``state``, in place, and load
-    the recorded FP8 weights, scales and configs: no calibration and no tuning."""
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise ValueError(f"not a fewstep quantization state (format {_FORMAT})")
-    quantize(model, state["mode"], **state["structure"])
-    layers = quantized_layers(find_network(model))
-    if set(layers) != set(state["layers"]):
-        diff = sorted(set(layers) ^ set(state["layers"]))
-        raise ValueError(
-            f"the model's FP8 layers differ from the saved ones ({len(diff)} names, e.g. {diff[:3]}): "
-            f"is it the same architecture?"
-        )
-    for name, m in layers.items():
-        saved = state["layers"][name]
-        bufs = saved["buffers"]
-        if tuple(bufs["weight"].shape) != tuple(m.weight.shape):
+def check_state(layers: Any, tensors: Mapping[str, torch.Tensor], where: str = "quant.layers") -> None:
+    """Validate what :func:`export_state` wrote (ValueError naming the field) before any model is touched."""
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{where}: expected an object with one entry per FP8 layer")
+    for name, entry in layers.items():
+        w = f"{where}[{name!r}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{w}: expected an object, got {type(entry).__name__}")
+        for key in ("buffers", "configs"):
+            if key not in entry:
+                raise ValueError(f"{w}.{key}: field missing")
+        bufs = entry["buffers"]
+        if not isinstance(bufs, list) or not {"weight", "weight_scale"} <= set(bufs) <= set(_BUFFERS):
             raise ValueError(
-                f"{name}: saved weight {tuple(bufs['weight'].shape)} does not fit {tuple(m.weight.shape)}"
+                f"{w}.buffers: expected weight, weight_scale and optionally bias, act_scale; got {bufs!r}"
             )
-        dev = m.weight.device
+        for b in bufs:
+            if f"{name}/{b}" not in tensors:
+                raise ValueError(f"tensor {name}/{b} missing")
+        configs = entry["configs"]
+        if not isinstance(configs, dict):
+            raise ValueError(f"{w}.configs: expected an object, got {type(configs).__name__}")
+        for m, c in configs.items():
+            _gemm_config(m, c, f"{w}.configs[{m!r}]")
+
+
+def restore_state(model, config: QuantConfig, layers: dict, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Quantize ``model`` (unquantized, the same architecture) as ``config`` says, in place, and load the
+    recorded FP8 weights, scales and launch configs: no calibration and no tuning."""
+    check_state(layers, tensors)
+    quantize(model, config.mode, **config.structure)
+    have = quantized_layers(find_network(model))
+    if set(have) != set(layers):
+        diff = sorted(set(have) ^ set(layers))
+        raise ValueError(
+            f"the model's FP8 layers differ from the saved ones ({len(diff)} names, e.g. "
+            f"{diff[:3]}): is it the same architecture?"
+        )
+    new = {}
+    for name, m in have.items():  # check every layer before changing any
+        want = {
+            "weight": (tuple(m.weight.shape), torch.float8_e4m3fn),
+            "weight_scale": ((m.out_features,), torch.float32),
+            "act_scale": ((1,), torch.float32),
+        }
+        if m.bias is not None:
+            want["bias"] = ((m.out_features,), m.bias.dtype)
+        bufs = set(layers[name]["buffers"])
+        if ("bias" in bufs) != (m.bias is not None):
+            raise ValueError(
+                f"{name}: the saved layer {'has' if 'bias' in bufs else 'has no'} bias, the model's "
+                f"{'has' if m.bias is not None else 'has no'}: is it the same architecture?"
+            )
+        for b in bufs:
+            t = tensors[f"{name}/{b}"]
+            shape, dtype = want[b]
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise ValueError(
+                    f"{name}/{b}: saved {tuple(t.shape)} {t.dtype} does not fit the model's {shape} {dtype}"
+                )
+        if "act_scale" in bufs and not bool(
+            (tensors[f"{name}/act_scale"] > 0).all() and torch.isfinite(tensors[f"{name}/act_scale"]).all()
+        ):
+            raise ValueError(f"{name}/act_scale: expected a positive finite scale")
+        new[name] = {b: tensors[f"{name}/{b}"].to(m.weight.device) for b in bufs}
+    for name, m in have.items():
         with torch.no_grad():
-            m.weight = bufs["weight"].to(dev)
-            m.weight_scale = bufs["weight_scale"].to(dev)
-            if m.bias is not None:
-                m.bias = bufs["bias"].to(dev)
-            m.act_scale = bufs["act_scale"].to(dev) if bufs.get("act_scale") is not None else None
-        m.configs = {int(mm): Fp8GemmConfig(**c) for mm, c in saved["configs"].items()}
+            for b in ("weight", "weight_scale", "bias"):
+                if b in new[name]:
+                    setattr(m, b, new[name][b])
+            m.act_scale = new[name].get("act_scale")
+        m.configs = {int(mm): _gemm_config(mm, c, name) for mm, c in layers[name]["configs"].items()}
+
+
+def _gemm_config(m: Any, c: Any, where: str) -> Fp8GemmConfig:
+    if not isinstance(m, str) or not m.isdigit():
+        raise ValueError(f"{where}: expected a GEMM row count M as the key, got {m!r}")
+    if not isinstance(c, dict) or sorted(c) != sorted(_CONFIG_FIELDS):
+        raise ValueError(f"{where}: expected the fields {sorted(_CONFIG_FIELDS)}, got {c!r}")
+    for k, v in c.items():
+        if k == "persistent":
+            ok = isinstance(v, bool)
+        else:  # small positive ints; tile sizes and warps are powers of two
+            ok = type(v) is int and 0 < v <= 1024 and (k in ("group_m", "num_stages") or not v & (v - 1))
+        if not ok:
+            raise ValueError(f"{where}.{k}: invalid value {v!r}")
+    return Fp8GemmConfig(**c)

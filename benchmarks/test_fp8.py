@@ -1,10 +1,10 @@
-"""FP8 layers on the GPU (issue 5): the FP8 GEMM vs torch._scaled_mm and cuBLAS bf16, the fused producer +
-GEMM vs bf16, and a DiT-XL/2 forward at batch 16 in a CUDA graph.
+"""FP8 layers on the GPU: the FP8 GEMM vs torch._scaled_mm and cuBLAS bf16, the fused producer + GEMM vs
+bf16, and a DiT-XL/2 forward at batch 16 replayed from a CUDA graph.
 
 Targets (H100): fp8_gemm >= 0.9x ``torch._scaled_mm`` (per-row scales, fast accumulation) on DiT-XL/2 shapes
 at M in {512, 2048, 4096, 8192}; fused producer + quantization + GEMM >= 1.25x the bf16 producer + GEMM at
-M >= 4096; the FP8 DiT-XL/2 forward at batch 16 <= 6.7 ms.  The asserts check that each measurement ran and is
-finite; the targets are printed and recorded, not asserted (a slower GPU is not a failure).
+M >= 4096; the FP8 DiT-XL/2 forward at batch 16 <= 6.7 ms.  The asserts check that each measurement ran and
+is finite; the targets are printed and recorded, not asserted (a slower GPU is not a failure).
 Run: ``pytest benchmarks/test_fp8.py`` (results also go to benchmarks/results/fp8_*.json).
 """
 

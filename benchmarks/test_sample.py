@@ -1,7 +1,7 @@
 """A whole sample: DiT-XL/2 (random weights, bf16, guidance 4.0) as a plan vs diffusers' eager DiTPipeline
-loop vs the network alone replayed NFE times in one CUDA graph (GPU only).
+loop vs the network alone replayed NFE times from one CUDA graph (GPU only).
 
-Targets (issue 3, H100, batch 8, NFE 8): plan <= 1.03x the network graph; compile_network plan <= 80 ms
+Targets (H100, batch 8, NFE 8): plan <= 1.03x the network graph; compile_network plan <= 80 ms
 (set FEWSTEP_BENCH_COMPILE=1 to build it: minutes).  Batch 1: <= 35 ms.
 """
 

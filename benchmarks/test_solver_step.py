@@ -1,6 +1,6 @@
-"""Per solver step: the fused update replayed in a CUDA graph vs diffusers ``scheduler.step`` (GPU only).
+"""Per solver step: the fused update replayed from a CUDA graph vs diffusers ``scheduler.step`` (GPU only).
 
-Target (issue 3, H100): <= 5 us per step at 8x4x32x32; within 2x of the copy-bandwidth floor at 1x16x128x128.
+Target (H100): <= 5 us per step at 8x4x32x32; within 2x of the copy-bandwidth floor at 1x16x128x128.
 Run: ``pytest benchmarks/test_solver_step.py`` (results also go to benchmarks/results/solver_step-*.json).
 """
 

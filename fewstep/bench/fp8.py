@@ -4,12 +4,12 @@
    (per-row scales, fast accumulation) vs cuBLAS bf16, on DiT-XL/2 shapes.
 2. Producer + GEMM: LayerNorm + adaLN modulation + quantization fused into one kernel, then the FP8 GEMM, vs
    the bf16 producer (eager ops) + bf16 GEMM.
-3. DiT-XL/2 forward at batch 16 in a CUDA graph: bf16 vs FP8.
+3. DiT-XL/2 forward at batch 16, replayed from a CUDA graph: bf16 vs FP8.
 4. Quality (any device, emulated FP8 on CPU): relative error of one forward vs the unquantized network, per
-   quant mode, on DiT-XL/2 and SD1.5-UNet configs with random weights.
+   quant mode, on DiT-XL/2 and SD1.5-UNet configs with random weights; and the bundled digits model's samples.
 
-Timings use CUDA events (medians); every result is a frozen dataclass; results files are written only from GPU
-runs (``fewstep.bench.results.save_results``).
+Timings come from :mod:`fewstep.bench.timing` (medians); every result is a frozen dataclass; results files are
+written only from GPU runs (:mod:`fewstep.bench.results`).
 """
 
 from __future__ import annotations
@@ -24,40 +24,33 @@ import torch.nn.functional as F
 from ..kernels.adaln_quant import adaln_quant
 from ..kernels.fp8_gemm import fp8_gemm, resolve_config
 from ..kernels.quantize_fp8 import quantize_fp8, quantize_fp8_ref
+from .models import DIT_XL_2, SD15_UNET, random_model
+from .sample import build_dit
+from .timing import graph_median_ms, median_ms
 
 __all__ = [
     "GemmResult",
     "ProducerResult",
     "ForwardResult",
     "QualityResult",
+    "DigitsQuality",
     "bench_gemm",
     "bench_producer",
     "bench_dit_forward",
     "forward_quality",
     "dit_xl_2_quality",
     "sd15_unet_quality",
-    "run_quant",
+    "digits_quality",
     "DIT_XL_2_GEMMS",
     "GEMM_M",
     "SD15_UNET",
     "format_fp8_table",
 ]
 
-# DiT-XL/2 linear layers (N, K): fused qkv, attention out, FF in, FF out (issue 5)
+# DiT-XL/2 linear layers (N, K): fused qkv, attention out, feed-forward in, feed-forward out
 DIT_XL_2_GEMMS = ((3456, 1152), (1152, 1152), (4608, 1152), (1152, 4608))
+# token counts: DiT-XL/2 at 256 px has 256 tokens per image, so batch 2 .. 32
 GEMM_M = (512, 2048, 4096, 8192)
-# SD1.5 UNet2DConditionModel (diffusers' published config)
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)
 
 
 @dataclass(frozen=True)
@@ -108,7 +101,7 @@ class ForwardResult:
 
     @property
     def ratio(self) -> float:
-        """FP8 / bf16 forward time (issue target: FP8 <= 6.7 ms, i.e. <= 0.75x the inductor-fused bf16)."""
+        """FP8 / bf16 forward time."""
         return self.fp8_ms / self.bf16_ms
 
 
@@ -121,12 +114,6 @@ class QualityResult:
     reference_dtype: str
 
 
-def _timer(device):
-    from .timing import timer as t
-
-    return t(device)
-
-
 def _fp8_operands(m, n, k, device):
     g = torch.Generator(device="cpu").manual_seed(m + n + k)
     x = torch.randn(m, k, generator=g).to(device, torch.bfloat16)
@@ -134,9 +121,7 @@ def _fp8_operands(m, n, k, device):
     return x, w
 
 
-def bench_gemm(
-    m: int, n: int, k: int, device: torch.device, *, iters: int = 50, tune: bool = True
-) -> GemmResult:
+def bench_gemm(m: int, n: int, k: int, device: torch.device, *, tune: bool = True) -> GemmResult:
     """FP8 GEMM (input already quantized, per-token x per-channel scales, bf16 out) vs _scaled_mm and bf16."""
     x, w = _fp8_operands(m, n, k, device)
     a, sa = quantize_fp8_ref(x)
@@ -144,28 +129,24 @@ def bench_gemm(
     sw = sw.reshape(-1).contiguous()
     cfg = resolve_config(m, n, k, device, tune=tune and device.type == "cuda")
     out = torch.empty(m, n, dtype=torch.bfloat16, device=device)
-    timer = _timer(device)
-    fp8_s = timer(lambda: fp8_gemm(a, sa, wq, sw, config=cfg, out=out), 3, iters)
+    fp8_ms = median_ms(lambda: fp8_gemm(a, sa, wq, sw, config=cfg, out=out), device)
     scaled = bf16 = None
     if device.type == "cuda":
         wt, swr = wq.t(), sw.reshape(1, -1)  # column-major B, as _scaled_mm wants
-        scaled = timer(
+        scaled = median_ms(
             lambda: torch._scaled_mm(
                 a, wt, scale_a=sa, scale_b=swr, out_dtype=torch.bfloat16, use_fast_accum=True
             ),
-            3,
-            iters,
+            device,
         )
-        bf16 = timer(lambda: F.linear(x, w), 3, iters)
-    us = 1e6
+        bf16 = median_ms(lambda: F.linear(x, w), device)
+    us = 1e3  # per ms
     return GemmResult(
-        m, n, k, fp8_s * us, scaled * us if scaled else None, bf16 * us if bf16 else None, str(cfg)
+        m, n, k, fp8_ms * us, scaled * us if scaled else None, bf16 * us if bf16 else None, str(cfg)
     )
 
 
-def bench_producer(
-    m: int, d: int, n: int, device: torch.device, *, tokens: int = 256, iters: int = 50
-) -> ProducerResult:
+def bench_producer(m: int, d: int, n: int, device: torch.device, *, tokens: int = 256) -> ProducerResult:
     """LayerNorm + adaLN modulation feeding a (d -> n) projection, over m = batch x tokens rows."""
     b = max(1, m // tokens)
     t = m // b
@@ -178,7 +159,6 @@ def bench_producer(
     wq, sw = quantize_fp8_ref(w)
     sw = sw.reshape(-1).contiguous()
     cfg = resolve_config(b * t, n, d, device, tune=device.type == "cuda")
-    timer = _timer(device)
 
     def bf16_path():
         y = F.layer_norm(h, (d,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
@@ -193,40 +173,18 @@ def bench_producer(
         q, s = quantize_fp8(y.reshape(-1, d))
         return fp8_gemm(q, s, wq, sw, bias, config=cfg)
 
-    us = 1e6
+    us = 1e3  # per ms
     return ProducerResult(
-        b * t,
-        d,
-        n,
-        timer(fused, 3, iters) * us,
-        timer(bf16_path, 3, iters) * us,
-        timer(eager_quant, 3, iters) * us,
+        b * t, d, n, median_ms(fused, device) * us, median_ms(bf16_path, device) * us,
+        median_ms(eager_quant, device) * us,
     )
 
 
-def _graph_time(fn, device, iters):
-    timer = _timer(device)
-    if device.type != "cuda":
-        return timer(fn, 1, iters)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return timer(graph.replay, 3, iters)
-
-
-def bench_dit_forward(
-    batch: int, device: torch.device, *, config: dict | None = None, iters: int = 20, static: bool = True
-) -> ForwardResult:
-    """One DiT forward (DiT-XL/2 by default) in a CUDA graph: bf16 vs FP8 (dynamic, and static scales)."""
+def bench_dit_forward(batch: int, device: torch.device, *, config: dict | None = None,
+                      static: bool = True) -> ForwardResult:
+    """One DiT forward (DiT-XL/2 by default) replayed from a CUDA graph: bf16 vs FP8 (dynamic, and static
+    scales)."""
     from ..quant import quantize, quantized_layers
-    from .sample import DIT_XL_2
-    from .sample import build_dit as _dit
 
     config = config or DIT_XL_2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -236,21 +194,20 @@ def bench_dit_forward(
     x = torch.randn(batch, c, s, s, generator=g).to(device, dtype)
     t = torch.full((batch,), 500.0, device=device)
     y = torch.arange(batch, device=device) % config["num_embeds_ada_norm"]
-    ms = 1e3
+    def forward(model):
+        return lambda: model(x, timestep=t, class_labels=y, return_dict=False)[0]
+
     with torch.no_grad():
-        dit = _dit(config, device, dtype)
-
-        def fwd():
-            return dit(x, timestep=t, class_labels=y, return_dict=False)[0]
-
-        bf16 = _graph_time(fwd, device, iters) * ms
-        quantize(dit, mode, tune=device.type == "cuda")
-        fp8 = _graph_time(fwd, device, iters) * ms
+        dit = build_dit(config, device, dtype)
+        bf16 = graph_median_ms(forward(dit), device)
+        q = copy.deepcopy(dit)  # quantized in place: the cached model stays unquantized
+        quantize(q, mode, tune=device.type == "cuda")
+        fp8 = graph_median_ms(forward(q), device)
         fp8_static = None
         if static:
-            for lay in quantized_layers(dit).values():  # timing only: any static scale runs the same kernels
+            for lay in quantized_layers(q).values():  # timing only: any static scale runs the same kernels
                 lay.set_act_scale(0.05)
-            fp8_static = _graph_time(fwd, device, iters) * ms
+            fp8_static = graph_median_ms(forward(q), device)
     return ForwardResult(batch, bf16, fp8, fp8_static)
 
 
@@ -269,9 +226,10 @@ def forward_quality(
     modes=("dynamic", "static"),
     calib_inputs: list[dict] | None = None,
 ) -> list[QualityResult]:
-    """Relative error of one forward of ``build()`` (a fresh model) vs its unquantized self, per quant mode.
+    """Relative error of one forward of ``build()`` vs its unquantized self, per quant mode.
 
-    build: () -> nn.Module in the reference dtype (bf16 on CUDA, fp32 on CPU).  inputs: the forward's kwargs.
+    build: () -> nn.Module in the reference dtype (bf16 on CUDA, fp32 on CPU); left unchanged (each mode
+    quantizes a copy), so a cached model will do.  inputs: the forward's kwargs.
     modes: "dynamic" (per-token scales), "static" (per-tensor, absmax calibrated on ``calib_inputs``, default
     ``[inputs]``).  FP8 runs the Triton kernels on CUDA, the emulation elsewhere.
     """
@@ -344,9 +302,6 @@ def dit_xl_2_quality(
     device: torch.device, *, batch: int = 2, config: dict | None = None
 ) -> list[QualityResult]:
     """:func:`forward_quality` of DiT-XL/2 (random weights; ``config`` to scale it down)."""
-    from .sample import DIT_XL_2
-    from .sample import build_dit as _dit
-
     config = config or DIT_XL_2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device="cpu").manual_seed(1)
@@ -362,7 +317,7 @@ def dit_xl_2_quality(
 
     return forward_quality(
         "DiT-XL/2" if config is DIT_XL_2 else "DiT (scaled)",
-        lambda: _dit(config, device, dtype),
+        lambda: build_dit(config, device, dtype),
         inputs(0),
         device,
         calib_inputs=[inputs(1), inputs(2)],
@@ -373,15 +328,12 @@ def sd15_unet_quality(
     device: torch.device, *, batch: int = 1, size: int = 64, config: dict | None = None
 ) -> list[QualityResult]:
     """:func:`forward_quality` of the SD1.5 UNet (random weights) on ``size`` x ``size`` latents."""
-    import diffusers
-
     config = config or SD15_UNET
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device="cpu").manual_seed(2)
 
     def build():
-        torch.manual_seed(0)
-        return diffusers.UNet2DConditionModel(**config).to(device, dtype).eval()
+        return random_model("UNet2DConditionModel", config, device, dtype)
 
     def inputs(seed):
         g.manual_seed(seed)
@@ -395,53 +347,6 @@ def sd15_unet_quality(
 
     name = "SD1.5 UNet" if config is SD15_UNET else "UNet (scaled)"
     return forward_quality(f"{name} {size}px", build, inputs(0), device, calib_inputs=[inputs(1)])
-
-
-def run_quant(args) -> int:
-    """``fewstep bench --quant fp8 [gemm|producer|forward|quality|all] [--dry-run]``."""
-    from .results import save_results
-    from .sample import DIT_TINY
-
-    dry = args.dry_run
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    what = getattr(args, "fp8_what", "all")
-    if device.type != "cuda" and not dry and what != "quality":
-        raise ValueError(
-            "fewstep bench --quant fp8 times GPU kernels: it needs a CUDA GPU (use --dry-run to "
-            "exercise it on the CPU, or `quality` to measure FP8 error with the emulation)"
-        )
-    gemms, producers, forwards, quality = [], [], [], []
-    if what in ("all", "gemm"):
-        shapes = ((48, 64, 96),) if dry else tuple((m, n, k) for m in GEMM_M for n, k in DIT_XL_2_GEMMS)
-        gemms = [bench_gemm(m, n, k, device, iters=2 if dry else 50) for m, n, k in shapes]
-    if what in ("all", "producer"):
-        shapes = ((32, 64, 96),) if dry else tuple((m, 1152, n) for m in GEMM_M for n in (3456, 4608))
-        producers = [
-            bench_producer(m, d, n, device, tokens=16 if dry else 256, iters=2 if dry else 50)
-            for m, d, n in shapes
-        ]
-    if what in ("all", "forward"):
-        forwards = [
-            bench_dit_forward(
-                2 if dry else 16, device, config=DIT_TINY if dry else None, iters=2 if dry else 20
-            )
-        ]
-    if what in ("all", "quality"):
-        if dry:
-            quality = dit_xl_2_quality(device, config=DIT_TINY)
-        else:
-            quality = dit_xl_2_quality(device) + sd15_unet_quality(device)
-    print(format_fp8_table(gemms, producers, forwards, quality))
-    if device.type == "cuda" and not dry and not args.no_save:
-        for kind, res in (
-            ("fp8_gemm", gemms),
-            ("fp8_producer", producers),
-            ("fp8_forward", forwards),
-            ("fp8_quality", quality),
-        ):
-            if res:
-                print(f"wrote {save_results(kind, res, device, args.out)}")
-    return 0
 
 
 @dataclass(frozen=True)

@@ -1,39 +1,36 @@
 """Latency benchmarks (``fewstep bench``): the fused solver step and whole samples vs diffusers.
 
-1. Per solver step: every stage update of an ``nfe``-step program replayed inside one CUDA graph (the
-   network output is a static random tensor), per network call; against diffusers' ``scheduler.step`` for the
-   same solver (host-timed with a synchronize, as BASELINES.md measures it).  The floor is the bytes the fused
-   updates move at the device's copy bandwidth.
+1. Per solver step: every stage update of an ``nfe``-step program, replayed from a CUDA graph (the network
+   output is a static random tensor), per network call; against diffusers' ``scheduler.step`` for the same
+   solver, host-timed with a synchronize after each step, as a user's loop runs it.  The floor is the bytes
+   the fused updates move at the device's copy bandwidth.
 2. A whole sample with DiT-XL/2 (random weights, bf16, guidance on): the plan vs diffusers' eager DiTPipeline
-   loop vs the network alone replayed ``nfe`` times in one graph (the floor without fusion).
+   loop vs the network alone replayed ``nfe`` times from one graph (the floor without fusion).
 
-Results go to ``benchmarks/results/*.json`` (GPU name, torch / triton / diffusers versions, git SHA) only from
-real GPU runs.  ``--dry-run`` runs every code path with tiny shapes on any device and saves nothing.
+Timings come from :mod:`fewstep.bench.timing`.  ``--dry-run`` runs every code path with tiny shapes on any
+device; results files are written only from GPU runs (:mod:`fewstep.bench.results`).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
-from .timing import timer
+from .models import DIT_TINY, DIT_XL_2, random_model
+from .timing import CPU_ITERS, graph_median_ms, host_timed, median_ms
 
 __all__ = ["StepResult", "SampleResult", "bench_solver_step", "bench_sample", "format_table", "build_dit",
            "dit_fn", "dit_spec", "STEP_CASES", "STEP_SHAPES", "DIT_XL_2", "DIT_TINY"]
 
-# (fewstep solver, options): the issue's four
+# (fewstep solver, options): a second-order multistep, a third-order predictor-corrector, a first-order and a
+# distilled-model sampler
 STEP_CASES: tuple[tuple[str, dict], ...] = (
     ("dpmpp_2m", {}), ("unipc", {"order": 3}), ("euler", {}), ("lcm", {}))
 STEP_SHAPES = ((8, 4, 32, 32), (1, 16, 128, 128))
-DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-                sample_size=32, patch_size=2, num_embeds_ada_norm=1000)
-DIT_TINY = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-                sample_size=8, patch_size=2, num_embeds_ada_norm=10)
-DIT_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+DIFFUSERS_STEP_LOOPS = 10  # eager scheduler loops timed on the GPU (their median counts)
 
 
 @dataclass(frozen=True)
@@ -41,8 +38,8 @@ class StepResult:
     solver: str
     shape: tuple[int, ...]
     nfe: int
-    fused_us: float          # per network call, all of that call's stage updates, inside one graph
-    diffusers_us: float      # per scheduler.step, host-timed with synchronize
+    fused_us: float          # per network call, all of that call's stage updates, replayed from a graph
+    diffusers_us: float      # per scheduler.step, host-timed with a synchronize after each step
     floor_us: float | None   # bytes moved by the fused updates at the measured copy bandwidth
     kernels_per_step: float
 
@@ -60,7 +57,7 @@ class SampleResult:
     plan_ms: float
     plan_build_s: float
     diffusers_ms: float
-    network_graph_ms: float     # the network alone, nfe calls replayed in one graph
+    network_graph_ms: float     # the network alone, nfe calls replayed from one graph
     compiled_plan_ms: float | None = None
     compiled_plan_build_s: float | None = None
 
@@ -90,9 +87,8 @@ def _stage_bytes(upd, n: int, out_bytes: int, in_bytes: int) -> int:
 
 
 def bench_solver_step(solver: str, options: dict, shape: tuple[int, ...], device: torch.device, *,
-                      nfe: int = 8, reps: int = 20, iters: int = 50,
-                      bandwidth: float | None = None) -> StepResult:
-    """Fused updates (one graph holding ``reps`` passes over every stage) vs diffusers ``scheduler.step``."""
+                      nfe: int = 8, bandwidth: float | None = None) -> StepResult:
+    """Fused updates (every stage of the program, replayed from a graph) vs diffusers ``scheduler.step``."""
     from ..kernels.solver_update import StageUpdate, solver_update, solver_update_ref
     from ..solvers import build, to_diffusers
 
@@ -114,18 +110,7 @@ def bench_solver_step(solver: str, options: dict, shape: tuple[int, ...], device
         for u in upds:
             fused(u, state, net_out if (u.has_oc or u.has_ou) else None, net_in, seed)
 
-    time_fn = timer(device)
-    if device.type == "cuda":
-        one_pass()  # JIT every specialization before capture
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(reps):
-                one_pass()
-        sec = time_fn(graph.replay, 3, iters) / reps
-    else:
-        sec = time_fn(one_pass, 1, iters)
-    fused_us = sec / nfe * 1e6
+    fused_us = graph_median_ms(one_pass, device) / nfe * 1e3
     moved = sum(_stage_bytes(u, n, 4, 4) for u in upds)
     floor = None if bandwidth is None else moved / bandwidth / nfe * 1e6
 
@@ -133,51 +118,34 @@ def bench_solver_step(solver: str, options: dict, shape: tuple[int, ...], device
     sample0 = torch.randn(shape, generator=g).to(device)
     model_out = torch.randn(shape, generator=g).to(device)
     gen = torch.Generator(device=device).manual_seed(0)
-
     kw = {"generator": gen} if "generator" in sched.step.__code__.co_varnames else {}
 
-    def diffusers_loop():  # seconds spent in scheduler.step over one sample (synchronized, as BASELINES.md)
+    def diffusers_loop() -> float:
+        """Milliseconds spent in scheduler.step over one sample."""
         sched.set_timesteps(nfe, device=device)
         x, total = sample0, 0.0
         for t in sched.timesteps:
             sched.scale_model_input(x, t)  # some schedulers insist on it; not timed
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            x = sched.step(model_out, t, x, **kw).prev_sample
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            total += time.perf_counter() - t0
+            out, ms = host_timed(lambda t=t, x=x: sched.step(model_out, t, x, **kw), device)
+            x, total = out.prev_sample, total + ms
         return total
 
-    diffusers_loop()
-    d_us = statistics.median(diffusers_loop() for _ in range(max(3, iters // 5))) / nfe * 1e6
+    diffusers_loop()  # warm-up
+    loops = DIFFUSERS_STEP_LOOPS if device.type == "cuda" else CPU_ITERS
+    d_us = statistics.median(diffusers_loop() for _ in range(loops)) / nfe * 1e3
     return StepResult(solver, tuple(shape), nfe, fused_us, d_us, floor, len(upds) / nfe)
 
 
 # -- 2. whole sample -----------------------------------------------------------------------------------------
-def build_dit(config: dict, device, dtype):
-    import diffusers
-
-    torch.manual_seed(0)
-    m = diffusers.DiTTransformer2DModel(**config)
-    return m.to(device=device, dtype=dtype).eval()
+def build_dit(config: dict, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
+    """A DiTTransformer2DModel with random weights (built once per process: :func:`~.models.random_model`)."""
+    return random_model("DiTTransformer2DModel", config, device, dtype)
 
 
 def dit_fn(dit):
-    try:
-        from ..models import from_diffusers
-    except ImportError:  # pragma: no cover - the adapters ship with fewstep
-        from_diffusers = None
-    if from_diffusers is not None:
-        return from_diffusers(dit)[0]
-    null = dit.config.num_embeds_ada_norm
+    from ..models import from_diffusers
 
-    def fn(x, t, class_labels):
-        if x.shape[0] == 2 * class_labels.shape[0]:
-            class_labels = torch.cat([torch.full_like(class_labels, null), class_labels])
-        return dit(x, timestep=t, class_labels=class_labels, return_dict=False)[0][:, : x.shape[1]]
-    return fn
+    return from_diffusers(dit)[0]
 
 
 def _diffusers_dit_loop(dit, sched, latents, labels, nfe, guidance_scale):
@@ -203,8 +171,8 @@ def _diffusers_dit_loop(dit, sched, latents, labels, nfe, guidance_scale):
 
 def bench_sample(batch: int, nfe: int, device: torch.device, *, guidance_scale: float = 4.0,
                  solver: str = "dpmpp_2m", dtype: torch.dtype = torch.bfloat16, config: dict = DIT_XL_2,
-                 compile_network: bool = False, iters: int = 10) -> SampleResult:
-    """DiT sample: plan vs diffusers' eager loop vs the network alone in one graph."""
+                 compile_network: bool = False) -> SampleResult:
+    """DiT sample: plan vs diffusers' eager loop vs the network alone replayed from one graph."""
     from .. import engine
     from ..solvers import to_diffusers
 
@@ -215,28 +183,27 @@ def bench_sample(batch: int, nfe: int, device: torch.device, *, guidance_scale: 
     shape = (batch, c, s, s)
     labels = torch.arange(batch, device=device) % config["num_embeds_ada_norm"]
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-    time_fn = timer(device)
+    rep = 1000.0  # ms of calls per timing: several samples even at tens of ms each
+
+    def build_plan(**extra):
+        return engine.compile(fn, spec, solver=solver, nfe=nfe, shape=shape, dtype=dtype,
+                              guidance_scale=guidance_scale, device=device, cond={"class_labels": labels},
+                              **extra)
 
     with torch.no_grad():
-        t0 = time.perf_counter()
-        plan = engine.compile(fn, spec, solver=solver, nfe=nfe, shape=shape, dtype=dtype,
-                              guidance_scale=guidance_scale, device=device, cond={"class_labels": labels})
-        build_s = time.perf_counter() - t0
-        plan_s = time_fn(lambda: plan(noise, class_labels=labels, copy=False), 2, iters)
+        plan, build_ms = host_timed(build_plan, device)
+        plan_ms = median_ms(lambda: plan(noise, class_labels=labels, copy=False), device, rep_ms=rep)
 
-        compiled_ms = compiled_build = None
+        compiled_ms = compiled_build_s = None
         if compile_network and device.type == "cuda":
-            t0 = time.perf_counter()
-            cplan = engine.compile(fn, spec, solver=solver, nfe=nfe, shape=shape, dtype=dtype,
-                                   guidance_scale=guidance_scale, device=device,
-                                   cond={"class_labels": labels}, compile_network=True)
-            compiled_build = time.perf_counter() - t0
-            compiled_ms = time_fn(lambda: cplan(noise, class_labels=labels, copy=False), 2, iters) * 1e3
+            cplan, cbuild_ms = host_timed(lambda: build_plan(compile_network=True), device)
+            compiled_build_s = cbuild_ms / 1e3
+            compiled_ms = median_ms(lambda: cplan(noise, class_labels=labels, copy=False), device, rep_ms=rep)
 
         sched = to_diffusers(solver, spec)
         lat = noise.to(dtype)
-        diff_s = time_fn(lambda: _diffusers_dit_loop(dit, sched, lat, labels, nfe, guidance_scale), 1,
-                       max(3, iters // 2))
+        diff_ms = median_ms(lambda: _diffusers_dit_loop(dit, sched, lat, labels, nfe, guidance_scale), device,
+                            rep_ms=rep)
 
         x2 = torch.cat([lat, lat])
         t2 = torch.full((2 * batch,), 500.0, device=device)
@@ -245,22 +212,9 @@ def bench_sample(batch: int, nfe: int, device: torch.device, *, guidance_scale: 
             for _ in range(nfe):
                 fn(x2, t2, class_labels=labels)
 
-        if device.type == "cuda":
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                net_calls()
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                net_calls()
-            net_s = time_fn(graph.replay, 2, iters)
-        else:
-            net_s = time_fn(net_calls, 1, iters)
-    return SampleResult(batch, nfe, guidance_scale, solver, plan_s * 1e3, build_s, diff_s * 1e3, net_s * 1e3,
-                        compiled_ms, compiled_build)
-
-
+        net_ms = graph_median_ms(net_calls, device)
+    return SampleResult(batch, nfe, guidance_scale, solver, plan_ms, build_ms / 1e3, diff_ms, net_ms,
+                        compiled_ms, compiled_build_s)
 
 # -- reporting -----------------------------------------------------------------------------------------------
 def format_table(steps: list[StepResult], samples: list[SampleResult]) -> str:

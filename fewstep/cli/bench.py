@@ -1,33 +1,34 @@
-"""``fewstep bench``: the fused solver step and whole samples against diffusers (``fewstep.bench``)."""
+"""``fewstep bench``: the fused solver step and whole samples against diffusers, or (``--quant fp8``) the FP8
+layers; the benchmark functions live in :mod:`fewstep.bench`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
 
-from ..bench.results import save_results
-from ..bench.sample import (
-    DIT_TINY,
-    DIT_XL_2,
-    STEP_CASES,
-    STEP_SHAPES,
-    bench_sample,
-    bench_solver_step,
-    format_table,
-)
-from ..bench.timing import copy_bandwidth
-
 __all__ = ["add_arguments", "run"]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", nargs="?", choices=("all", "step", "sample"), default="all")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny shapes on any device (CPU included): exercise every path, save nothing")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="DiT sample batch sizes")
-    parser.add_argument("--nfe", type=int, nargs="+", default=[4, 8], help="DiT sample NFEs")
+    parser.add_argument("--batch", type=_positive_int, nargs="+", default=[1, 8],
+                        help="DiT sample batch sizes")
+    parser.add_argument("--nfe", type=_positive_int, nargs="+", default=[4, 8], help="DiT sample NFEs")
     parser.add_argument("--guidance-scale", type=float, default=4.0)
     parser.add_argument("--solver", default="dpmpp_2m", help="solver of the DiT sample")
     parser.add_argument("--compile-network", action="store_true",
@@ -42,12 +43,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "quant", None) == "fp8":
-        from ..bench.fp8 import run_quant
-
-        return run_quant(args)
-    dry = args.dry_run
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    save = device.type == "cuda" and not args.dry_run and not args.no_save
+    if save:
+        _check_writable(args.out)  # before minutes of benchmarks, not after
+    if args.quant == "fp8":
+        return _run_fp8(args, device, save)
+    from ..bench import (
+        DIT_TINY,
+        DIT_XL_2,
+        STEP_CASES,
+        STEP_SHAPES,
+        bench_sample,
+        bench_solver_step,
+        copy_bandwidth,
+        format_table,
+        save_results,
+    )
+
+    dry = args.dry_run
     if device.type != "cuda" and not dry:
         raise ValueError("fewstep bench needs a CUDA GPU (use --dry-run to exercise it on the CPU)")
     steps, samples = [], []
@@ -57,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         for solver, opts in STEP_CASES:
             for shape in shapes:
                 steps.append(bench_solver_step(solver, opts, shape, device, nfe=4 if dry else 8,
-                                               iters=3 if dry else 50, bandwidth=bw))
+                                               bandwidth=bw))
     if args.what in ("all", "sample"):
         batches, nfes = ([1], [2]) if dry else (args.batch, args.nfe)
         for b in batches:
@@ -65,10 +79,62 @@ def run(args: argparse.Namespace) -> int:
                 samples.append(bench_sample(
                     b, nfe, device, guidance_scale=args.guidance_scale, solver=args.solver,
                     dtype=torch.float32 if dry else torch.bfloat16, config=DIT_TINY if dry else DIT_XL_2,
-                    compile_network=args.compile_network and not dry, iters=2 if dry else 10))
+                    compile_network=args.compile_network and not dry))
     print(format_table(steps, samples))
-    if not dry and not args.no_save:
+    if save:
         for kind, res in (("solver_step", steps), ("sample", samples)):
             if res:
                 print(f"wrote {save_results(kind, res, device, args.out)}")
     return 0
+
+
+def _run_fp8(args: argparse.Namespace, device: torch.device, save: bool) -> int:
+    """``fewstep bench --quant fp8 [--fp8-what gemm|producer|forward|quality|all] [--dry-run]``."""
+    from ..bench import DIT_TINY, save_results
+    from ..bench.fp8 import (
+        DIT_XL_2_GEMMS,
+        GEMM_M,
+        bench_dit_forward,
+        bench_gemm,
+        bench_producer,
+        dit_xl_2_quality,
+        format_fp8_table,
+        sd15_unet_quality,
+    )
+
+    dry, what = args.dry_run, args.fp8_what
+    if device.type != "cuda" and not dry and what != "quality":
+        raise ValueError(
+            "fewstep bench --quant fp8 times GPU kernels: it needs a CUDA GPU (use --dry-run to "
+            "exercise it on the CPU, or `--fp8-what quality` to measure FP8 error with the emulation)"
+        )
+    gemms, producers, forwards, quality = [], [], [], []
+    if what in ("all", "gemm"):
+        shapes = ((48, 64, 96),) if dry else tuple((m, n, k) for m in GEMM_M for n, k in DIT_XL_2_GEMMS)
+        gemms = [bench_gemm(m, n, k, device) for m, n, k in shapes]
+    if what in ("all", "producer"):
+        shapes = ((32, 64, 96),) if dry else tuple((m, 1152, n) for m in GEMM_M for n in (3456, 4608))
+        producers = [bench_producer(m, d, n, device, tokens=16 if dry else 256) for m, d, n in shapes]
+    if what in ("all", "forward"):
+        forwards = [bench_dit_forward(2 if dry else 16, device, config=DIT_TINY if dry else None)]
+    if what in ("all", "quality"):
+        if dry:
+            quality = dit_xl_2_quality(device, config=DIT_TINY)
+        else:
+            quality = dit_xl_2_quality(device) + sd15_unet_quality(device)
+    print(format_fp8_table(gemms, producers, forwards, quality))
+    if save:
+        for kind, res in (("fp8_gemm", gemms), ("fp8_producer", producers), ("fp8_forward", forwards),
+                          ("fp8_quality", quality)):
+            if res:
+                print(f"wrote {save_results(kind, res, device, args.out)}")
+    return 0
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the results folder ({e.strerror or e})") from e
+    if not out.is_dir() or not os.access(out, os.W_OK | os.X_EXECUTE):
+        raise ValueError(f"--out {out}: not a writable folder")

@@ -6,7 +6,10 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("triton")
 
+from fewstep.bench import DIT_TINY  # noqa: E402
+from fewstep.bench.sample import build_dit  # noqa: E402
 from fewstep.cli import main  # noqa: E402
+from fewstep.quant import quantized_layers  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is benchmarks/test_fp8.py")
@@ -16,6 +19,8 @@ def test_dry_run_prints_every_table(capsys):
     for head in ("fp8 gemm", "producer+gemm", "DiT forward", "quality"):
         assert head in out
     assert "nan" not in out.lower()
+    # the forward benchmark quantized a copy: the cached DiT the next benchmark gets is still unquantized
+    assert quantized_layers(build_dit(DIT_TINY, torch.device("cpu"), torch.float32)) == {}
 
 
 def test_timing_without_a_gpu_is_a_clear_error(capsys):

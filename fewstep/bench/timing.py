@@ -12,8 +12,9 @@ On CUDA every GPU time comes from Triton's benchmark helpers, in milliseconds, a
 :func:`host_timed` is the one host-clock measurement: a single call between two device synchronizations, as a
 user's eager loop that synchronizes after each step sees it (diffusers' ``scheduler.step``, a plan build).
 
-Off CUDA (the CPU dry run) :func:`median_ms` and :func:`graph_median_ms` fall back to a plain
-``time.perf_counter`` timer over :data:`CPU_ITERS` calls: it shows the code runs, not how fast a GPU is.
+Off CUDA :func:`median_ms` and :func:`graph_median_ms` fall back to a plain ``time.perf_counter`` timer over
+:data:`CPU_ITERS` calls: in the CPU dry run it shows the code runs, not how fast a GPU is; it also times
+host-only work (building a StepProgram).
 """
 
 from __future__ import annotations

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from .program import Lin
 from .schedules import Point
 from .spec import ModelSpec
 
-__all__ = ["first_order", "init_scale", "expm1_neg", "heun_step", "multistep_order"]
+__all__ = ["first_order", "init_scale", "expm1_neg", "heun_step", "multistep_order", "interpolation_nodes"]
 
 
 def first_order(x: Lin, x0: Lin, p: Point, q: Point) -> Lin:
@@ -66,3 +67,9 @@ def multistep_order(order: int, i: int, n: int, *, lower_final: bool, euler_at_f
     if euler_at_final and i == n - 1:
         k = 1
     return k
+
+
+def interpolation_nodes(pts: Sequence[Point], i: int) -> int:
+    """How many of ``pts[0..i]`` a multistep solver can interpolate through at step ``i`` (at least 1): a
+    pure-noise point (alpha = 0, lambda = -inf) is no node, and only a grid's first point can be one."""
+    return max(1, i + 1 - int(pts[0].alpha == 0))

@@ -12,12 +12,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._math import init_scale
-from .algo_flow import flow_match_grid
+from .grids import (
+    NfeLimit,
+    consistency_timesteps_grid,
+    distilled_timesteps,
+    flow_match_grid,
+    grid_step_limit,
+)
 from .registry import BuildContext, CommonOptions, register
 from .schedules import EDM, DiscreteVP, Flow
-from .spacing import Grid
 
-__all__ = ["LCMOptions", "TCDOptions", "CMOptions", "lcm_timesteps", "consistency_timesteps_grid"]
+__all__ = ["LCMOptions", "TCDOptions", "CMOptions"]
 
 
 def _positive_int(name: str, v) -> None:
@@ -94,54 +99,19 @@ def _need_vp(ctx: BuildContext) -> DiscreteVP:
     return sched
 
 
-def lcm_timesteps(num_train_timesteps: int, original_steps: int, n: int) -> np.ndarray:
-    """LCMScheduler / TCDScheduler.set_timesteps(n): ``n`` of the ``original_steps`` distilled timesteps."""
-    T = num_train_timesteps
-    if original_steps > T:
-        raise ValueError(f"original_inference_steps={original_steps} exceeds num_train_timesteps={T}")
-    if n > original_steps:
-        raise ValueError(f"nfe={n} exceeds original_inference_steps={original_steps}: the timesteps are "
-                         f"picked from that grid, so valid nfe are 1..{original_steps}")
-    origin = (np.arange(1, original_steps + 1) * (T // original_steps) - 1)[::-1]
-    return origin[np.floor(np.linspace(0, original_steps, num=n, endpoint=False)).astype(np.int64)]
-
-
-def _distilled_timesteps(ctx: BuildContext, sched: DiscreteVP, original_steps: int) -> list[int]:
-    """The timesteps LCM / TCD visit: their own selection, or an explicit ``spacing=[...]`` of integers."""
-    sp = ctx.spacing
-    if sp.name == "timesteps":
-        ts = list(sp.values)
-        if len(ts) != ctx.nfe or any(t != int(t) for t in ts) or max(ts) > sched.num_train_timesteps - 1:
-            raise ValueError(f"{ctx.name}: explicit timesteps must be {ctx.nfe} integers in "
-                             f"[0, {sched.num_train_timesteps - 1}], got {ts}")
-        return [int(t) for t in ts]
-    if sp.name not in ("linspace", "leading", "trailing"):
-        raise ValueError(f"{ctx.name} picks its own timesteps from the distillation grid (as diffusers' "
-                         f"scheduler does); spacing {sp.name!r} does not apply (pass explicit timesteps)")
-    return [int(t) for t in lcm_timesteps(sched.num_train_timesteps, original_steps, ctx.nfe)]
-
-
-def consistency_timesteps_grid(sched: EDM, n: int, train_steps: int, rho: float, final: str) -> Grid:
-    """CMStochasticIterativeScheduler.set_timesteps(n): every (N // n)-th sigma of the N-point Karras grid."""
-    if n > train_steps:
-        raise ValueError(f"nfe={n} exceeds train_steps={train_steps}: the grid is a subset of the "
-                         f"{train_steps}-point training discretization, so valid nfe are 1..{train_steps}")
-    ramp = np.arange(0, n) * (train_steps // n) / (train_steps - 1)
-    lo, hi = sched.sigma_min ** (1 / rho), sched.sigma_max ** (1 / rho)
-    sig = (hi + ramp * (lo - hi)) ** rho
-    end = 0.0 if final == "zero" else sched.sigma_min
-    vals = np.concatenate([sig, [end]]).astype(np.float32).astype(np.float64)
-    return Grid(tuple(sched.point_at_sigma(float(s)) for s in vals), {"spacing": "consistency"})
-
-
 # -- samplers ---------------------------------------------------------------------------------------------
-@register("lcm", LCMOptions, stochastic=True, order=None,
-          diffusers=lambda o, sp: ("LCMScheduler", {"original_inference_steps": o.original_inference_steps,
-                                                    "timestep_scaling": o.timestep_scaling}))
+def _distilled_max_nfe(ctx: BuildContext, o: LCMOptions | TCDOptions) -> NfeLimit | None:
+    if ctx.spacing.name == "timesteps":
+        return grid_step_limit(ctx.spec, ctx.spacing, "euler")
+    k = o.original_inference_steps
+    return k, f"{ctx.name} picks its timesteps from the distillation grid, original_inference_steps={k}"
+
+
+@register("lcm", LCMOptions, stochastic=True, order=None, max_nfe=_distilled_max_nfe)
 def lcm(ctx: BuildContext, o: LCMOptions):
     """Latent Consistency Model multistep sampling (Luo et al. 2023, Alg. 3; diffusers LCMScheduler)."""
     sched = _need_vp(ctx)
-    ts = _distilled_timesteps(ctx, sched, o.original_inference_steps)
+    ts = distilled_timesteps(ctx, sched, o.original_inference_steps)
     b = ctx.builder(o)
     x = b.start(1.0)
     for i, t in enumerate(ts):
@@ -162,12 +132,11 @@ def _tcd_order(o: TCDOptions):
     return 1 if o.gamma == 0 else None
 
 
-@register("tcd", TCDOptions, stochastic=lambda o: o.gamma > 0, order=_tcd_order,
-          diffusers=lambda o, sp: ("TCDScheduler", {"original_inference_steps": o.original_inference_steps}))
+@register("tcd", TCDOptions, stochastic=lambda o: o.gamma > 0, order=_tcd_order, max_nfe=_distilled_max_nfe)
 def tcd(ctx: BuildContext, o: TCDOptions):
     """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024, Alg. 4)."""
     sched = _need_vp(ctx)
-    ts = _distilled_timesteps(ctx, sched, o.original_inference_steps)
+    ts = distilled_timesteps(ctx, sched, o.original_inference_steps)
     end = sched.point_at_sigma(0.0, 0.0) if o.final == "zero" else sched.point_at_timestep(0)
     b = ctx.builder(o)
     x = b.start(1.0)
@@ -189,17 +158,14 @@ def tcd(ctx: BuildContext, o: TCDOptions):
     return b.finish(x)
 
 
-def _cm_diffusers(o: CMOptions, sp):
-    if o.train_steps is None or o.gamma != 1 or o.final != "sigma_min":
-        raise ValueError("cm equals diffusers' CMStochasticIterativeScheduler only with "
-                         "train_steps=N, gamma=1 and final='sigma_min'")
-    return "CMStochasticIterativeScheduler", {"num_train_timesteps": o.train_steps, "rho": sp.rho,
-                                              "s_noise": o.s_noise, "clip_denoised": False,
-                                              "use_karras_sigmas": None}  # karras is its only grid
+def _cm_max_nfe(ctx: BuildContext, o: CMOptions) -> NfeLimit | None:
+    if o.train_steps is not None:
+        return o.train_steps, f"the grid is a subset of the {o.train_steps}-point training discretization"
+    return grid_step_limit(ctx.spec, ctx.spacing, "euler")
 
 
 @register("cm", CMOptions, stochastic=lambda o: o.gamma > 0 and o.s_noise > 0,
-          order=lambda o: 1 if o.gamma == 0 else None, diffusers=_cm_diffusers)
+          order=lambda o: 1 if o.gamma == 0 else None, max_nfe=_cm_max_nfe)
 def cm(ctx: BuildContext, o: CMOptions):
     """Consistency multistep sampling (Song et al. 2023, Alg. 1) / CTM gamma-sampling (Kim et al. 2024)."""
     sched = ctx.spec.schedule

@@ -5,13 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
+from .grids import NfeLimit, ddim_timesteps, timestep_step_limit
 from .registry import BuildContext, CommonOptions, register
 from .schedules import DiscreteVP, Point
-from .spacing import Spacing
-
-_DDIM_SPACINGS = ("linspace", "leading", "trailing")
 
 
 @dataclass(frozen=True)
@@ -32,26 +28,6 @@ class DDIMOptions(CommonOptions):
             raise ValueError(f"ddim eta must be a finite number >= 0, got {self.eta!r}")
 
 
-def ddim_timesteps(num_train_timesteps: int, n: int, spacing: Spacing) -> np.ndarray:
-    """DDIMScheduler.set_timesteps: ``n`` integer timesteps (linspace / leading + steps_offset / trailing)."""
-    T = num_train_timesteps
-    if n > T:
-        raise ValueError(f"ddim: nfe={n} is larger than num_train_timesteps={T}")
-    if spacing.name == "linspace":
-        ts = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
-    elif spacing.name == "leading":
-        ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + spacing.steps_offset
-    elif spacing.name == "trailing":
-        ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
-    else:
-        raise ValueError(f"ddim supports the spacings {', '.join(_DDIM_SPACINGS)} (DDIMScheduler's own); got "
-                         f"{spacing.name!r} (use dpmpp_2m with order=1 for other grids)")
-    if len(ts) != n or ts.max() > T - 1 or ts.min() < 0:
-        raise ValueError(f"ddim: {spacing.name} spacing (steps_offset={spacing.steps_offset}) gives "
-                         f"timesteps {ts.tolist()}, expected {n} in [0, {T - 1}]")
-    return ts
-
-
 def _point(sched: DiscreteVP, t: int) -> Point:
     """The point at an integer timestep; with zero terminal SNR, DDIMScheduler keeps alpha_bar = 0 at T - 1
     (it has no 2**-24 clamp, unlike the sigma-based schedulers)."""
@@ -68,14 +44,14 @@ def _prev_point(sched: DiscreteVP, t: int, n: int, final: str) -> Point:
     return Point(1.0, 0.0, 0.0) if final == "zero" else _point(sched, 0)
 
 
-def _ddim_diffusers(o: DDIMOptions, spacing: Spacing) -> tuple[str, dict]:
-    if spacing.name not in _DDIM_SPACINGS:
-        raise ValueError(f"DDIMScheduler has no {spacing.name!r} spacing")
-    return "DDIMScheduler", {"set_alpha_to_one": o.final == "zero", "clip_sample": False}
+def _ddim_max_nfe(ctx: BuildContext, o: DDIMOptions) -> NfeLimit | None:
+    sched = ctx.spec.schedule
+    return timestep_step_limit(sched.num_train_timesteps, ctx.spacing, "ddim") if isinstance(
+        sched, DiscreteVP) else None
 
 
 @register("ddim", DDIMOptions, stochastic=lambda o: o.eta > 0, order=lambda o: 1 if o.eta == 0 else None,
-          default_spacing=lambda spec: "leading", diffusers=_ddim_diffusers)
+          default_spacing=lambda spec: "leading", max_nfe=_ddim_max_nfe)
 def ddim(ctx: BuildContext, o: DDIMOptions):
     """DDIM, Song et al. 2020 (eq. 12; eta > 0 adds the eq. 16 noise)."""
     sched = ctx.spec.schedule

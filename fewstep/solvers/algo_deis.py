@@ -5,14 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-from numpy.polynomial import Polynomial
-
-from ._math import first_order, init_scale, multistep_order
-from .algo_unipc import diffusers_multistep_grid
+from ._math import first_order, init_scale, interpolation_nodes, multistep_order
+from .grids import deis_grid, deis_step_limit
 from .program import Lin, lin_sum
 from .registry import BuildContext, CommonOptions, register
-from .spacing import Grid, Spacing
 
 __all__ = ["DEISOptions", "deis", "logrho_weights"]
 
@@ -32,50 +28,28 @@ class DEISOptions(CommonOptions):
 def logrho_weights(rho_t: float, rhos: list[float]) -> list[float]:
     """``c_j = integral from rhos[0] to rho_t of L_j(log rho) d rho``, ``L_j`` the Lagrange basis on the
     nodes ``log rhos`` (DEIS eq. 14, rho = sigma / alpha).  With ``u = log rho`` the antiderivative of
-    ``e^u P(u)`` is ``e^u (P - P' + P'' - ...)``, which tends to 0 as ``rho_t -> 0`` (a step to sigma = 0)."""
-    u = np.log(np.asarray(rhos, dtype=np.float64))
+    ``e^u P(u)`` is ``e^u (P - P' + P'' - ...)``, which tends to 0 as ``rho_t -> 0`` (a step to sigma = 0).
+    Exact polynomial arithmetic on coefficient lists (degree <= 2 here), no quadrature."""
+    u = [math.log(r) for r in rhos]
+    log_t = math.log(rho_t) if rho_t > 0 else -math.inf
     weights = []
-    for j in range(len(u)):
-        others = np.delete(u, j)
-        basis = Polynomial.fromroots(others) if len(others) else Polynomial([1.0])
-        basis = basis / float(np.prod(u[j] - others))
+    for j, uj in enumerate(u):
+        basis = [1.0]  # ascending coefficients of prod_m (u - u_m) / (u_j - u_m)
+        for um in u[:j] + u[j + 1:]:
+            basis = [(a - um * b) / (uj - um) for a, b in zip([0.0] + basis, basis + [0.0])]
+        alt, d, sign = [0.0] * len(basis), basis, 1.0  # P - P' + P'' - ...
+        while d:
+            alt = [a + sign * c for a, c in zip(alt, d + [0.0] * (len(alt) - len(d)))]
+            d, sign = [k * c for k, c in enumerate(d)][1:], -sign
 
-        def antiderivative(v: float, p: Polynomial = basis) -> float:
-            if v == -math.inf:
-                return 0.0
-            return math.exp(v) * sum((-1) ** k * p.deriv(k)(v) for k in range(len(u)))
+        def antiderivative(v: float, q: list[float] = alt) -> float:
+            return 0.0 if v == -math.inf else math.exp(v) * sum(c * v**k for k, c in enumerate(q))
 
-        log_t = math.log(rho_t) if rho_t > 0 else -math.inf
         weights.append(antiderivative(log_t) - antiderivative(u[0]))
     return weights
 
 
-def deis_grid(ctx: BuildContext, n: int, final: str) -> Grid:
-    """diffusers' DEIS grid without its repeated last sigma.  With a sigma spacing diffusers appends a copy of
-    the last sigma, so its last step goes nowhere and its last network call is wasted.  Where the grid would
-    end on a repeated point we space ``n + 1`` distinct points down to that same end instead: every call is
-    used, and the result is diffusers' with ``n + 1`` steps."""
-    grid = diffusers_multistep_grid(ctx, n, final)
-    if not math.isclose(grid.points[-1].sigma_tilde, grid.points[-2].sigma_tilde, rel_tol=1e-12):
-        return grid
-    longer = diffusers_multistep_grid(ctx, n + 1, final)
-    return Grid(longer.points[:-1], longer.meta)
-
-
-def _diffusers(o: DEISOptions, sp: Spacing) -> tuple[str, dict]:
-    if o.final != "sigma_min":
-        raise ValueError("DEISMultistepScheduler always ends at sigma_min: use final='sigma_min' to match it")
-    if o.euler_at_final:
-        raise ValueError("DEISMultistepScheduler has no euler_at_final")
-    if sp.name in ("karras", "exponential", "beta"):
-        raise ValueError(
-            f"DEISMultistepScheduler repeats the last {sp.name} sigma and wastes its last call: its n + 1 "
-            f"steps equal fewstep's deis with nfe = n; there is no same-NFE equivalent"
-        )
-    return "DEISMultistepScheduler", {"solver_order": o.order, "lower_order_final": o.lower_order_final}
-
-
-@register("deis", DEISOptions, order=lambda o: o.order, diffusers=_diffusers)
+@register("deis", DEISOptions, order=lambda o: o.order, max_nfe=lambda ctx, o: deis_step_limit(ctx, o.final))
 def deis(ctx: BuildContext, o: DEISOptions):
     """DEIS, Zhang & Chen 2022: multistep exponential integrator, noise predictions interpolated in log-rho.
 
@@ -90,9 +64,9 @@ def deis(ctx: BuildContext, o: DEISOptions):
         out, eps = b.call(x, pts[i], keep=eps)
         x = out.x
         eps = [out.eps] + eps[: o.order - 1]
-        usable = max(1, sum(1 for p in pts[: i + 1] if p.alpha > 0))  # a pure-noise point is no node
-        order = min(usable, multistep_order(o.order, i, n, lower_final=o.lower_order_final and n < 15,
-                                            euler_at_final=o.euler_at_final))
+        order = min(interpolation_nodes(pts, i),
+                    multistep_order(o.order, i, n, lower_final=o.lower_order_final and n < 15,
+                                    euler_at_final=o.euler_at_final))
         b.annotate(order=order)
         p, q = pts[i], pts[i + 1]
         if order == 1:

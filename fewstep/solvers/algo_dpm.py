@@ -19,13 +19,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from ._math import expm1_neg, init_scale
+from .grids import dpm_grid
 from .program import Lin, ProgramBuilder
 from .registry import BuildContext, CommonOptions, register
-from .schedules import Flow, Point
-from .spacing import Grid
+from .schedules import Point
 
 _SOLVER_TYPES = ("midpoint", "heun")
 
@@ -118,27 +116,6 @@ def _ratio(num: float, den: float) -> float:
     return r
 
 
-# -- grids ------------------------------------------------------------------------------------------------
-def flow_multistep_grid(sched: Flow, n: int, final: str = "zero") -> Grid:
-    """The grid of diffusers' multistep schedulers with ``use_flow_sigmas=True`` (DPMSolver, UniPC): ``n``
-    shifted times from ``1 - 1/T`` (not 1, so lambda stays finite) down to ``(1 - 1/T) / n``; the network gets
-    the truncated integer ``int(t * T)``.  final: "zero" ends at t = 0, "sigma_min" at t = 1/T."""
-    T = sched.num_train_timesteps
-    raw = (1.0 - np.linspace(1.0, 1.0 / T, n + 1))[::-1][:-1]  # diffusers' exact arithmetic (t is truncated)
-    ts = np.array([sched.shift_t(float(t)) for t in raw])
-    sig32 = np.concatenate([ts, [0.0 if final == "zero" else 1.0 / T]]).astype(np.float32).astype(np.float64)
-    times = list(np.floor(ts * T)) + [0.0]
-    return Grid(tuple(sched.point_at_t(float(s), float(m)) for s, m in zip(sig32, times)),
-                {"spacing": "flow", "family": "multistep"})
-
-
-def dpm_grid(ctx: BuildContext, final: str) -> Grid:
-    """The multistep-family grid, except diffusers' ``use_flow_sigmas`` grid for flow schedules."""
-    if isinstance(ctx.spec.schedule, Flow) and ctx.spacing.name in ("flow", "linspace"):
-        return flow_multistep_grid(ctx.spec.schedule, ctx.nfe, final)
-    return ctx.grid(ctx.nfe, family="multistep", final=final)
-
-
 # -- multistep ----------------------------------------------------------------------------------------------
 def multistep_orders(n: int, o: DPMOptions) -> list[int]:
     """The order of each of ``n`` steps, by diffusers' DPMSolverMultistepScheduler rules."""
@@ -164,7 +141,8 @@ def _multistep(ctx: BuildContext, o: DPMOptions, sde: bool):
     x = b.start(init_scale(ctx.spec, pts[0], ctx.spacing.name))
     hist: list[Lin] = []  # x0 predictions of earlier steps, newest first
     for i in range(n):
-        need = max(orders[j] - 1 - (j - i) for j in range(i, n))  # older outputs still needed from step i on
+        # older outputs still needed from step i on (a step of order k reads k - 1 of them)
+        need = max(orders[j] - 1 - (j - i) for j in range(i, min(n, i + o.order)))
         out, hist = b.call(x, pts[i], keep=hist[:need])
         k = orders[i]
         b.annotate(order=k)
@@ -192,39 +170,25 @@ def _multistep(ctx: BuildContext, o: DPMOptions, sde: bool):
     return b.finish(x)
 
 
-def _multistep_diffusers(sde: bool):
-    def fn(o: DPMOptions, spacing) -> tuple[str, dict]:
-        if o.taylor_d2 and o.order == 3:
-            raise ValueError("taylor_d2 has no diffusers equivalent (diffusers uses the published D2 weight)")
-        if spacing.name not in ("linspace", "leading", "trailing", "karras", "exponential", "beta", "flow"):
-            raise ValueError(f"no DPMSolverMultistepScheduler equivalent for spacing {spacing.name!r}")
-        return "DPMSolverMultistepScheduler", dict(
-            solver_order=o.order, algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++",
-            solver_type=o.solver_type, lower_order_final=o.lower_order_final, euler_at_final=o.euler_at_final,
-            final_sigmas_type=o.final)
-
-    return fn
-
-
-@register("dpmpp_2m", DPMOptions, order=lambda o: o.order, diffusers=_multistep_diffusers(False))
+@register("dpmpp_2m", DPMOptions, order=lambda o: o.order)
 def dpmpp_2m(ctx: BuildContext, o: DPMOptions):
     """DPM-Solver++(2M), Lu et al. 2022 (multistep, data prediction; order 1-3)."""
     return _multistep(ctx, o, sde=False)
 
 
-@register("dpmpp_3m", DPM3Options, order=lambda o: o.order, diffusers=_multistep_diffusers(False))
+@register("dpmpp_3m", DPM3Options, order=lambda o: o.order)
 def dpmpp_3m(ctx: BuildContext, o: DPM3Options):
     """DPM-Solver++(3M), Lu et al. 2022 (multistep, data prediction, third order)."""
     return _multistep(ctx, o, sde=False)
 
 
-@register("dpmpp_2m_sde", DPMOptions, stochastic=True, diffusers=_multistep_diffusers(True))
+@register("dpmpp_2m_sde", DPMOptions, stochastic=True)
 def dpmpp_2m_sde(ctx: BuildContext, o: DPMOptions):
     """SDE-DPM-Solver++(2M), Lu et al. 2022 (multistep solver of the reverse diffusion SDE)."""
     return _multistep(ctx, o, sde=True)
 
 
-@register("dpmpp_3m_sde", DPM3Options, stochastic=True, diffusers=_multistep_diffusers(True))
+@register("dpmpp_3m_sde", DPM3Options, stochastic=True)
 def dpmpp_3m_sde(ctx: BuildContext, o: DPM3Options):
     """SDE-DPM-Solver++(3M), Lu et al. 2022 / k-diffusion (third-order multistep reverse-SDE solver)."""
     return _multistep(ctx, o, sde=True)
@@ -249,8 +213,7 @@ def singlestep_orders(n: int, o: DPMOptions) -> list[int]:
     return orders
 
 
-@register("dpmpp_2s", DPMSinglestepOptions, order=lambda o: o.order,
-          diffusers=lambda o, sp: _singlestep_diffusers(o, sp))
+@register("dpmpp_2s", DPMSinglestepOptions, order=lambda o: o.order)
 def dpmpp_2s(ctx: BuildContext, o: DPMSinglestepOptions):
     """DPM-Solver++(2S), Lu et al. 2022 (singlestep; intermediate points are grid points, as in diffusers)."""
     grid = dpm_grid(ctx, o.final)
@@ -284,12 +247,3 @@ def dpmpp_2s(ctx: BuildContext, o: DPMSinglestepOptions):
                 x = _dpmpp_step(b, xs, s2, t, m2, d1, d2)
         block = block + [m0]
     return b.finish(x)
-
-
-def _singlestep_diffusers(o: DPMSinglestepOptions, spacing) -> tuple[str, dict]:
-    if spacing.name not in ("linspace", "karras", "exponential", "beta"):
-        raise ValueError(f"DPMSolverSinglestepScheduler has no {spacing.name!r} spacing "
-                         f"(it supports linspace, karras, exponential, beta)")
-    return "DPMSolverSinglestepScheduler", dict(
-        solver_order=o.order, algorithm_type="dpmsolver++", solver_type=o.solver_type,
-        lower_order_final=o.lower_order_final, final_sigmas_type=o.final)

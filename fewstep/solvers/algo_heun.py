@@ -1,8 +1,10 @@
-"""Heun (Karras et al. 2022, Alg. 1; diffusers HeunDiscrete): two calls per step, Euler into sigma = 0."""
+"""Heun's method (Karras et al. 2022, Alg. 1): diffusers HeunDiscrete (k-diffusion variables) and
+FlowMatchHeunDiscrete (flow time t).  Two calls per step, Euler into sigma = 0."""
 
 from __future__ import annotations
 
 from ._math import first_order, heun_step, init_scale
+from .grids import NFE_MAX, NfeLimit, flow_match_grid, grid_step_limit
 from .registry import BuildContext, CommonOptions, register
 
 
@@ -46,7 +48,17 @@ def final_is_euler(ctx: BuildContext, o: CommonOptions) -> bool:
     return o.euler_at_final or o.final == "zero"
 
 
-@register("heun", order=2, diffusers=lambda o, sp: ("HeunDiscreteScheduler", {}))
+def heun_max_nfe(ctx: BuildContext, o: CommonOptions) -> NfeLimit:
+    """Two calls per step of the euler-family grid (one on a final Euler step); the count keeps the parity
+    heun_steps asks for, so the largest is odd when the last step is Euler."""
+    final_euler = final_is_euler(ctx, o)
+    steps = grid_step_limit(ctx.spec, ctx.spacing, "euler")
+    if steps is not None and 2 * steps[0] - final_euler <= NFE_MAX:
+        return 2 * steps[0] - final_euler, steps[1]
+    return NFE_MAX - (NFE_MAX + final_euler) % 2, f"fewstep builds at most NFE_MAX={NFE_MAX} network calls"
+
+
+@register("heun", order=2, max_nfe=heun_max_nfe)
 def heun(ctx: BuildContext, o: CommonOptions):
     """Heun's 2nd order method on the probability-flow ODE (Karras et al. 2022, Alg. 1 without churn)."""
     if ctx.spec.schedule.kind == "flow":
@@ -54,3 +66,10 @@ def heun(ctx: BuildContext, o: CommonOptions):
                          "schedule; use flow_heun (Heun in t, as FlowMatchHeunDiscrete) for flow models")
     n = heun_steps(ctx.nfe, final_is_euler(ctx, o), ctx.name)
     return heun_program(ctx, o, ctx.grid(n, family="euler", final=o.final), flow=False)
+
+
+@register("flow_heun", order=2, max_nfe=heun_max_nfe)
+def flow_heun(ctx: BuildContext, o: CommonOptions):
+    """Heun's 2nd order method on the rectified-flow ODE in t (Karras et al. 2022, Alg. 1; FlowMatchHeun)."""
+    grid = flow_match_grid(ctx, heun_steps(ctx.nfe, final_is_euler(ctx, o), ctx.name), o.final)
+    return heun_program(ctx, o, grid, flow=True)

@@ -3,17 +3,14 @@ noise predictions, as diffusers' IPNDMScheduler (and k-diffusion's sample_ipndm)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ._math import init_scale, multistep_order
-from .algo_deis import deis_grid
+from .grids import deis_grid, deis_step_limit, ipndm_grid
 from .program import Lin, lin_sum
 from .registry import BuildContext, CommonOptions, register
-from .schedules import Point
-from .spacing import Grid, Spacing
 
-__all__ = ["IPNDMOptions", "ipndm", "ipndm_grid", "ADAMS_BASHFORTH"]
+__all__ = ["IPNDMOptions", "ipndm", "ADAMS_BASHFORTH"]
 
 # explicit Adams-Bashforth weights for equal steps, newest first
 ADAMS_BASHFORTH = {
@@ -44,29 +41,8 @@ class IPNDMOptions(CommonOptions):
             raise ValueError("ipndm grid='ipndm' always ends at sigma = 0; final must be 'zero'")
 
 
-def ipndm_grid(n: int) -> Grid:
-    """diffusers' IPNDMScheduler grid, in float32 as it computes it: ``s = linspace(1, 0, n + 1)``,
-    ``sigma = sin(pi s / 2)^2``, ``alpha = sqrt(1 - sigma^2)``; the network receives the v-diffusion time
-    ``(2 / pi) atan2(sigma, alpha)`` in [0, 1].  The first point is pure noise (alpha = 0)."""
-    import torch
-
-    s = torch.cat([torch.linspace(1, 0, n + 1)[:-1], torch.tensor([0.0])])
-    sigma = torch.sin(s * math.pi / 2) ** 2
-    alpha = (1.0 - sigma**2) ** 0.5
-    t = torch.atan2(sigma, alpha) / math.pi * 2
-    return Grid(tuple(Point(float(a), float(sg), float(tt)) for a, sg, tt in zip(alpha, sigma, t)),
-                {"spacing": "ipndm"})
-
-
-def _diffusers(o: IPNDMOptions, sp: Spacing) -> tuple[str, dict]:
-    if o.grid != "ipndm":
-        raise ValueError("diffusers' IPNDMScheduler has its own grid and time input: use grid='ipndm'")
-    if o.order != 4 or o.lower_order_final or o.euler_at_final:
-        raise ValueError("IPNDMScheduler is fixed at order 4 without lower-order or Euler final steps")
-    return "IPNDMScheduler", {"trained_betas": None}
-
-
-@register("ipndm", IPNDMOptions, order=lambda o: o.order, diffusers=_diffusers)
+@register("ipndm", IPNDMOptions, order=lambda o: o.order,
+          max_nfe=lambda ctx, o: None if o.grid == "ipndm" else deis_step_limit(ctx, o.final))
 def ipndm(ctx: BuildContext, o: IPNDMOptions):
     """iPNDM, Zhang & Chen 2022 (Alg. 2): DDIM steps with Adams-Bashforth-extrapolated noise predictions.
 

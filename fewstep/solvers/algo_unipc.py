@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._math import init_scale, multistep_order
+from ._math import init_scale, interpolation_nodes, multistep_order
+from .grids import diffusers_multistep_grid, unipc_flow_grid
 from .program import Lin, lin_sum
 from .registry import BuildContext, CommonOptions, register
-from .schedules import DiscreteVP, Flow, Point
-from .spacing import Grid, Spacing, _f32_sigma_to_t, _f32_sigmas, _sigma_spacing
+from .schedules import Flow, Point
 
-__all__ = ["UniPCOptions", "unipc", "diffusers_multistep_grid", "unipc_flow_grid"]
+__all__ = ["UniPCOptions", "unipc"]
 
 
 @dataclass(frozen=True)
@@ -45,35 +45,6 @@ class UniPCOptions(CommonOptions):
         if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in dc):
             raise ValueError(f"disable_corrector must hold step indices >= 0, got {self.disable_corrector!r}")
         object.__setattr__(self, "disable_corrector", dc)
-
-
-def diffusers_multistep_grid(ctx: BuildContext, n: int, final: str) -> Grid:
-    """The multistep grid as UniPC / DEIS build it.  It differs from DPMSolverMultistep's (spacing.py's
-    "multistep" family) only for VP sigma spacings with ``squaredcos_cap_v2`` betas, where UniPC / DEIS still
-    round karras timesteps; we recompute every VP sigma-spacing time the UniPC way: karras rounded,
-    exponential / beta truncated (diffusers' int64 cast), from diffusers' float32 log-sigma table."""
-    grid = ctx.grid(n, family="multistep", final=final)
-    sched, sp = ctx.spec.schedule, ctx.spacing
-    if not isinstance(sched, DiscreteVP) or sp.name not in ("karras", "exponential", "beta"):
-        return grid
-    table = _f32_sigmas(sched)
-    t = _f32_sigma_to_t(sched, _sigma_spacing(sp, float(table[0]), float(table[-1]), n))
-    t = np.round(t) if sp.name == "karras" else np.floor(t)
-    pts = [sched.point_at_sigma(p.sigma_tilde, float(ti)) for p, ti in zip(grid.points[:-1], t)]
-    return Grid(tuple(pts) + (grid.points[-1],), grid.meta)
-
-
-def unipc_flow_grid(sched: Flow, n: int, final: str) -> Grid:
-    """UniPCMultistepScheduler's flow grid (use_flow_sigmas): ``n`` shifted points of
-    ``linspace(1, 1 / T, n + 1)``, the first moved 1e-6 below pure noise, network time ``int(t * T)``."""
-    T = sched.num_train_timesteps
-    t = np.array([sched.shift_t(float(v)) for v in np.linspace(1, 1 / T, n + 1)[:-1]])
-    if abs(t[0] - 1) < 1e-6:
-        t[0] -= 1e-6
-    times = np.trunc(t * T)
-    t = np.concatenate([t, [0.0 if final == "zero" else t[-1]]]).astype(np.float32).astype(np.float64)
-    return Grid(tuple(sched.point_at_t(float(v), float(m)) for v, m in zip(t, list(times) + [0.0])),
-                {"spacing": "flow"})
 
 
 def _uni_coeffs(h: float, rks: list[float], order: int, solver_type: str, predict_x0: bool):
@@ -122,21 +93,7 @@ def _uni_update(x: Lin, ms: list[Lin], pts: list[Point], t: Point, order: int, o
     return base - (scale * b_h) * res
 
 
-def _diffusers(o: UniPCOptions, sp: Spacing) -> tuple[str, dict]:
-    if o.euler_at_final and not o.lower_order_final:
-        raise ValueError("UniPCMultistepScheduler has no euler_at_final (it matches with lower_order_final)")
-    if sp.name == "flow" and not o.predict_x0:
-        raise ValueError("UniPCMultistepScheduler rejects flow_prediction with predict_x0=False")
-    disabled = list(o.disable_corrector) if o.corrector else list(range(1000))  # every step of any real run
-    flow = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"} if sp.name == "flow" else {}
-    return "UniPCMultistepScheduler", {
-        "solver_order": o.order, "solver_type": o.solver_type, "predict_x0": o.predict_x0,
-        "lower_order_final": o.lower_order_final, "disable_corrector": disabled, "final_sigmas_type": o.final,
-        **flow,
-    }
-
-
-@register("unipc", UniPCOptions, order=lambda o: o.order + int(o.corrector), diffusers=_diffusers)
+@register("unipc", UniPCOptions, order=lambda o: o.order + int(o.corrector))
 def unipc(ctx: BuildContext, o: UniPCOptions):
     """UniPC, Zhao et al. 2023: multistep UniP-p predictor + UniC-p corrector, B(h) = bh1 | bh2.
 
@@ -160,8 +117,6 @@ def unipc(ctx: BuildContext, o: UniPCOptions):
         raise ValueError("unipc with predict_x0=False cannot start at a pure-noise point (alpha = 0); use "
                          "predict_x0=True")
     for i in range(n):
-        # a pure-noise point (alpha = 0, lambda = -inf) is no interpolation node: it drops out of the orders
-        usable = max(1, sum(1 for p in pts[: i + 1] if p.alpha > 0))
         correct = o.corrector and i > 0 and (i - 1) not in o.disable_corrector and pts[i - 1].alpha > 0
         keep = ([x_last] if correct else []) + ms
         out, kept = b.call(x, pts[i], keep=keep)
@@ -169,8 +124,9 @@ def unipc(ctx: BuildContext, o: UniPCOptions):
         m = out.x0 if o.predict_x0 else out.eps
         x = _uni_update(x_last, ms, list(pts[i - 1::-1]), pts[i], prev_order, o, m_t=m) if correct else out.x
         ms = [m] + ms[: o.order - 1]
-        order = min(usable, multistep_order(o.order, i, n, lower_final=o.lower_order_final,
-                                            euler_at_final=o.euler_at_final or pts[i + 1].sigma == 0))
+        order = min(interpolation_nodes(pts, i),
+                    multistep_order(o.order, i, n, lower_final=o.lower_order_final,
+                                    euler_at_final=o.euler_at_final or pts[i + 1].sigma == 0))
         b.annotate(order=order, corrector=correct)
         x_last, prev_order = x, order
         x = _uni_update(x, ms, list(pts[i::-1]), pts[i + 1], order, o)

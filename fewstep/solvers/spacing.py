@@ -139,6 +139,22 @@ class Grid:
     points: tuple[Point, ...]
     meta: dict = field(default_factory=dict, compare=False)
 
+    def __post_init__(self):
+        # every step but the last must move toward the clean end: a repeated point would be a zero-length
+        # step in the middle of a multistep history (step-size ratios divide by it).  The last step may have
+        # zero length (karras + final='sigma_min', as diffusers); solvers take it as an exact identity.
+        lam = [p.lam for p in self.points]
+        for i in range(len(lam) - 2):
+            if not lam[i] < lam[i + 1]:
+                raise ValueError(
+                    f"grid point {i + 1} (sigma={self.points[i + 1].sigma_tilde:.6g}, time="
+                    f"{self.points[i + 1].model_time:g}) does not move past point {i} (sigma="
+                    f"{self.points[i].sigma_tilde:.6g}): {len(lam) - 1} steps need distinct noise levels"
+                )
+        if len(lam) >= 2 and lam[-1] < lam[-2]:
+            raise ValueError(f"the grid's end (sigma={self.points[-1].sigma_tilde:.6g}) is noisier than its "
+                             f"last point (sigma={self.points[-2].sigma_tilde:.6g})")
+
     @property
     def n(self) -> int:
         return len(self.points) - 1
@@ -190,7 +206,7 @@ def ays_sigmas(table: str, n: int) -> np.ndarray:
     return np.concatenate([body, [0.0]])
 
 
-def _sigma_spacing(sp: Spacing, smin: float, smax: float, n: int) -> np.ndarray:
+def sigma_spacing(sp: Spacing, smin: float, smax: float, n: int) -> np.ndarray:
     if sp.name == "karras":
         return karras_sigmas(smin, smax, n, sp.rho)
     if sp.name == "exponential":
@@ -245,7 +261,7 @@ def _vp_timesteps(sched: DiscreteVP, sp: Spacing, n: int, family: str) -> np.nda
 def _vp_grid(spec, sched: DiscreteVP, sp: Spacing, n: int, family: str, final: str) -> Grid:
     # multistep family: diffusers' float32 sigma table, so even a zero-length last step (karras + sigma_min)
     # is exactly zero-length, as SDE noise ~ sqrt(h) would show a one-ulp difference
-    table = _f32_sigmas(sched).astype(np.float64) if family == "multistep" else sched.sigmas_tilde
+    table = f32_sigmas(sched).astype(np.float64) if family == "multistep" else sched.sigmas_tilde
     sigma_last = 0.0 if final == "zero" else float(table[0])
     if sp.name in _TIMESTEP_SPACINGS:
         ts = _vp_timesteps(sched, sp, n, family)
@@ -275,18 +291,18 @@ def _vp_grid(spec, sched: DiscreteVP, sp: Spacing, n: int, family: str, final: s
             vals = ays_sigmas(sp.ays, n)
             sig = vals[:-1]
         elif family == "multistep":
-            sig = _sigma_spacing(sp, float(table[0]), float(table[-1]), n)
+            sig = sigma_spacing(sp, float(table[0]), float(table[-1]), n)
         else:  # euler family: the range comes from the linspace-interpolated sigmas (diffusers' behaviour)
             ts0 = _vp_timesteps(sched, Spacing("linspace"), n, "euler")
             base = np.interp(ts0, np.arange(len(table)), table)
-            sig = _sigma_spacing(sp, float(base[-1]), float(base[0]), n)
+            sig = sigma_spacing(sp, float(base[-1]), float(base[0]), n)
         ts = np.array([sched.timestep_of_sigma(s) for s in sig])
         if family == "multistep" and sched.beta_schedule != "squaredcos_cap_v2":
             if sp.name in ("exponential", "beta"):
                 # diffusers' multistep schedulers round karras timesteps, but exponential / beta ones only
                 # meet set_timesteps' int64 cast, which truncates: float32 logs then matter (sigma_max ->
                 # t = 998.9999998 -> 998)
-                ts = np.floor(_f32_sigma_to_t(sched, sig))
+                ts = np.floor(f32_sigma_to_t(sched, sig))
             else:
                 ts = ts.round()
     sig32 = np.concatenate([sig, [sigma_last]]).astype(np.float32).astype(np.float64)
@@ -295,7 +311,7 @@ def _vp_grid(spec, sched: DiscreteVP, sp: Spacing, n: int, family: str, final: s
     return Grid(pts, {"spacing": sp.name, "family": family})
 
 
-def _f32_sigmas(sched: DiscreteVP) -> np.ndarray:
+def f32_sigmas(sched: DiscreteVP) -> np.ndarray:
     """The sigma table as diffusers' multistep set_timesteps holds it: float32 ``((1 - a) / a) ** 0.5``."""
     import torch
 
@@ -303,9 +319,9 @@ def _f32_sigmas(sched: DiscreteVP) -> np.ndarray:
     return (((1 - ac) / ac) ** 0.5).numpy()
 
 
-def _f32_sigma_to_t(sched: DiscreteVP, sig: np.ndarray) -> np.ndarray:
+def f32_sigma_to_t(sched: DiscreteVP, sig: np.ndarray) -> np.ndarray:
     """diffusers' ``_sigma_to_t`` on its float32 log-sigma table, bit for bit (needed where t is cut)."""
-    log_sigmas = np.log(_f32_sigmas(sched))
+    log_sigmas = np.log(f32_sigmas(sched))
     log_sigma = np.log(np.maximum(np.asarray(sig, dtype=np.float64), 1e-10))
     dists = log_sigma - log_sigmas[:, np.newaxis]
     low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
@@ -324,7 +340,7 @@ def _edm_grid(sched: EDM, sp: Spacing, n: int, final: str) -> Grid:
     elif sp.name == "ays":
         vals = ays_sigmas(sp.ays, n)
     else:
-        vals = np.concatenate([_sigma_spacing(sp, sched.sigma_min, sched.sigma_max, n), [0.0]])
+        vals = np.concatenate([sigma_spacing(sp, sched.sigma_min, sched.sigma_max, n), [0.0]])
     if final == "sigma_min" and vals[-1] == 0.0:
         vals[-1] = sched.sigma_min
     return Grid(tuple(sched.point_at_sigma(float(s)) for s in vals), {"spacing": sp.name})
@@ -359,7 +375,7 @@ def _flow_grid(sched: Flow, sp: Spacing, n: int, final: str) -> Grid:
         t_max, t_min = table[0].item(), table[-1].item()
         ts = _flow_shift(sched, np.linspace(t_max * T, t_min * T, n) / T)
         if sp.name not in ("flow", "linspace"):
-            ts = _sigma_spacing(sp, float(ts[-1]), float(ts[0]), n)
+            ts = sigma_spacing(sp, float(ts[-1]), float(ts[0]), n)
     if np.any(ts > 1) or np.any(ts <= 0):
         raise ValueError(f"flow times must lie in (0, 1], got {ts.tolist()}")
     last = 0.0 if final == "zero" else 1.0 / T

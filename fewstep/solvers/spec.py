@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import math
+import functools
+import inspect
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .schedules import EDM, DiscreteVP, Flow, Point, Schedule
 
-__all__ = ["ModelSpec", "PREDICTIONS", "TIME_INPUTS"]
+__all__ = ["ModelSpec", "PREDICTIONS", "TIME_INPUTS", "config_from"]
 
 PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow")
 TIME_INPUTS = ("discrete", "sigma", "t")
@@ -29,7 +31,9 @@ class ModelSpec:
     default: the schedule's own).
 
     ``diffusers_config`` keeps the scheduler config this spec was read from, so a solver can default to the
-    same spacing options (``timestep_spacing``, ``use_karras_sigmas``, ``steps_offset``...).
+    same spacing options (``timestep_spacing``, ``use_karras_sigmas``, ``steps_offset``...) and, when the
+    config came from that solver's own scheduler (:meth:`config_from`), to its settings (final sigma,
+    order...): see ``fewstep/solvers/diffusers_map.py``.
     """
 
     schedule: Schedule
@@ -59,6 +63,10 @@ class ModelSpec:
                 f"time_input {self.time_input!r} does not fit a {type(self.schedule).__name__} schedule; "
                 f"expected one of {_VALID_TIME_INPUTS[kind]}"
             )
+
+    def config_from(self, scheduler: str) -> bool:
+        """Whether ``diffusers_config`` came from the diffusers scheduler class named ``scheduler``."""
+        return self.diffusers_config is not None and config_from(self.diffusers_config, scheduler)
 
     # -- conversions ------------------------------------------------------------------------------------
     def model_time(self, p: Point) -> float:
@@ -111,7 +119,11 @@ class ModelSpec:
             raise TypeError(f"expected a diffusers scheduler config (a mapping), got {type(cfg).__name__}")
         cfg = dict(cfg)
         name = str(cfg.get("_class_name", ""))
-        pred = cfg.get("prediction_type", "epsilon")
+        # configs without a prediction_type whose scheduler fixes one: IPNDMScheduler reads the output as v,
+        # CMStochasticIterativeScheduler's consistency function (what an adapter hands us) predicts x0
+        fixed = {"IPNDMScheduler": "v_prediction", "CMStochasticIterativeScheduler": "sample"}
+        implied = next((p for c, p in fixed.items() if config_from(cfg, c)), "epsilon")
+        pred = cfg.get("prediction_type", implied)
         pred = {"flow_prediction": "flow", "v-prediction": "v_prediction"}.get(pred, pred)
         n_train = int(cfg.get("num_train_timesteps", 1000))
         if "FlowMatch" in name or ("beta_start" not in cfg and ("shift" in cfg or pred == "flow")):
@@ -148,5 +160,24 @@ class ModelSpec:
         return f"{type(self.schedule).__name__}, prediction={self.prediction}, time_input={self.time_input}"
 
 
-def _finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+def config_from(cfg: Mapping[str, Any], scheduler: str) -> bool:
+    """Whether the diffusers scheduler config ``cfg`` came from the class named ``scheduler``.
+
+    A saved config names its class (``_class_name``).  An in-memory one (``scheduler.config``) does not, but
+    holds exactly its class's ``__init__`` parameters; it can only exist once diffusers is imported, so
+    without diffusers in ``sys.modules`` the answer is no.  Classes with the same parameters (LCMScheduler and
+    TCDScheduler; DDIMScheduler and DDIMParallelScheduler) read their configs the same way.
+    """
+    name = cfg.get("_class_name")
+    if name:
+        return name == scheduler
+    params = _init_params(scheduler) if "diffusers" in sys.modules else None
+    return params is not None and params == frozenset(k for k in cfg if not k.startswith("_"))
+
+
+@functools.cache
+def _init_params(scheduler: str) -> frozenset[str] | None:
+    cls = getattr(sys.modules["diffusers"], scheduler, None)
+    if not isinstance(cls, type):
+        return None
+    return frozenset(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fewstep as fs
-from fewstep.solvers.algo_ddim import ddim_timesteps
+from fewstep.solvers.grids import ddim_timesteps
 from fewstep.solvers.spacing import Spacing
 
 from .harness import assert_matches_diffusers, guided_toy_model, rel_err, toy_model
@@ -94,7 +94,7 @@ def test_ddim_is_first_order_dpm_on_its_own_steps():
     (dict(eta=float("nan")), "eta"),
     (dict(spacing="karras"), "spacings"),
     (dict(spacing=Spacing("leading", steps_offset=300), nfe=4), "outside|expected"),
-    (dict(nfe=1001), "larger"),
+    (dict(nfe=1001), "largest valid nfe is 1000"),
     (dict(final="one"), "final"),
 ])
 def test_ddim_bad_input_raises(kwargs, match):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fewstep as fs
-from fewstep.solvers.algo_dpm import _phis, dpm_grid, multistep_orders, singlestep_orders
+from fewstep.solvers.algo_dpm import _phis, multistep_orders, singlestep_orders
+from fewstep.solvers.grids import dpm_grid
 from fewstep.solvers.reference import count_calls
 from fewstep.solvers.spacing import Spacing, as_spacing
 

@@ -19,7 +19,7 @@ def as_shape(shape, what: str = "shape") -> tuple[int, ...]:
     dims = []
     for i, d in enumerate(shape):
         try:
-            if isinstance(d, bool) or type(d).__name__ == "bool_":  # True is an int to Python and to index()
+            if type(d).__name__ in ("bool", "bool_"):  # True is an int to Python and to index()
                 raise TypeError
             dims.append(operator.index(d))
         except TypeError:

@@ -1,14 +1,19 @@
 """fs.compile(..., quant=...): quantize before capture, static calibration on the timesteps, save/load."""
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import fewstep as fs
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("triton")
 
-from fewstep.quant import quantized_layers  # noqa: E402
+from fewstep.engine.planfile import read_plan_file  # noqa: E402
+from fewstep.quant import quantized_layers, restore_state  # noqa: E402
 
 from ..kernels.fp8_util import sqnr_db  # noqa: E402
 from .test_quantize import tiny_dit  # noqa: E402
@@ -91,23 +96,101 @@ def test_save_load_needs_no_calibration(tmp_path, monkeypatch):
         model, quant=EMU, quant_options={"activation_scales": "static", "calibration_inputs": 1}
     )
     out = plan(_noise(1), class_labels=y)
-    plan.save(tmp_path / "p.pt")
-    import fewstep.engine.quantized as qp
+    plan.save(tmp_path / "p.plan")
+    import fewstep.quant.calibrate as cal
 
-    monkeypatch.setattr(qp, "quantize_for_plan", None)  # load must not calibrate
+    def no_calibration(*a, **k):
+        raise AssertionError("load calibrated")
+
+    monkeypatch.setattr(cal.Calibrator, "__init__", no_calibration)
     fresh = tiny_dit()
     fn, _ = fs.models.from_diffusers(fresh)
-    loaded = fs.load(tmp_path / "p.pt", fn, device=DEV)
+    loaded = fs.load(tmp_path / "p.plan", fn, device=DEV)
     assert torch.equal(loaded(_noise(1), class_labels=y), out)
-    scales = [m.act_scale for m in quantized_layers(fresh).values()]
-    assert all(s is not None for s in scales)
+    saved, restored = quantized_layers(model), quantized_layers(fresh)
+    assert sorted(saved) == sorted(restored)
+    for name, m in saved.items():  # the calibrated scales and the FP8 weights, exactly
+        r = restored[name]
+        assert r.act_scale is not None and torch.equal(r.act_scale, m.act_scale)
+        assert r.weight.dtype == torch.float8_e4m3fn and torch.equal(r.weight.float(), m.weight.float())
+        assert torch.equal(r.weight_scale, m.weight_scale)
+    assert loaded._quant == plan._quant and loaded._quant.activation_scales == "static"
 
 
-def test_triton_plan_matches_emulated():
+def _plan_file(tmp_path, quant=EMU, nfe=2):
+    model = tiny_dit()
+    plan, y = _compile(model, nfe=nfe, guidance_scale=None, quant=quant)
+    path = tmp_path / "q.plan"
+    plan.save(path)
+    return plan, y, path
+
+
+def _edit(path, edit_doc=None, edit_tensors=None):
+    with safe_open(str(path), "pt") as f:
+        doc = json.loads(f.metadata()["fewstep.plan"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if edit_doc:
+        edit_doc(doc)
+    if edit_tensors:
+        edit_tensors(tensors)
+    out = path.with_name("edited.plan")
+    save_file(tensors, str(out), metadata={"fewstep.plan": json.dumps(doc)})
+    return out
+
+
+def test_fp8_plan_file_is_data(tmp_path):
+    plan, _, path = _plan_file(tmp_path)
+    with safe_open(str(path), "pt") as f:
+        doc = json.loads(f.metadata()["fewstep.plan"])
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert doc["quant"]["config"]["mode"] == EMU and len(doc["quant"]["layers"]) == 8
+    assert {d for k, d in dtypes.items() if k.endswith("/weight")} == {torch.float8_e4m3fn}
+    fn, _ = fs.models.from_diffusers(tiny_dit())
+    data = path.read_bytes()
+    cut = path.with_name("cut.plan")
+    cut.write_bytes(data[: len(data) - 100])  # inside the tensor data
+    with pytest.raises(fs.PlanFileError, match="truncated: .* the tensors end at byte"):
+        fs.load(cut, fn)
+    layer = "transformer_blocks.0.attn1.to_qkv"
+
+    def half_weight(t):
+        t[f"{layer}/weight"] = t[f"{layer}/weight"].to(torch.bfloat16)
+
+    with pytest.raises(fs.PlanFileError, match=f"does not fit this model: {layer}/weight: saved"):
+        fs.load(_edit(path, edit_tensors=half_weight), fs.models.from_diffusers(tiny_dit())[0])
+
+    def drop_scale(t):
+        del t[f"{layer}/weight_scale"]
+
+    with pytest.raises(fs.PlanFileError, match=f"tensor {layer}/weight_scale missing"):
+        fs.load(_edit(path, edit_tensors=drop_scale), fn)
+
+    def bad_config(d):
+        d["quant"]["layers"][layer]["configs"] = {"8": {"block_m": 100}}
+
+    with pytest.raises(fs.PlanFileError, match=r"quant.layers\['transformer_blocks.0.attn1.to_qkv'\]"):
+        fs.load(_edit(path, bad_config), fn)
+
+    def no_mode(d):
+        del d["quant"]["config"]["mode"]
+
+    with pytest.raises(fs.PlanFileError, match="field 'quant.config.mode' missing"):
+        fs.load(_edit(path, no_mode), fn)
+    assert getattr(fn.model, "_fewstep_quant", None) is None  # file errors are found before quantizing
+
+
+def test_triton_plan_matches_emulated(tmp_path):
     a, y = _compile(tiny_dit(), nfe=2, guidance_scale=None, quant="fp8")  # the interpreter is slow: 2 calls
     b, _ = _compile(tiny_dit(), nfe=2, guidance_scale=None, quant=EMU)
     assert sqnr_db(a(_noise(), class_labels=y), b(_noise(), class_labels=y)) >= 40.0
     assert a.quant_state()["layers"]["transformer_blocks.0.attn1.to_qkv"]["configs"]  # resolved, saved
+    # the resolved launch configs come back from the file (restored as fs.load does, without a plan build)
+    a.save(tmp_path / "a.plan")
+    f = read_plan_file(tmp_path / "a.plan")
+    fresh = tiny_dit()
+    restore_state(fresh, f.quant, f.quant_layers, f.tensors)
+    want = {n: m.configs for n, m in quantized_layers(a._model.model).items()}
+    assert all(want.values()) and {n: m.configs for n, m in quantized_layers(fresh).items()} == want
 
 
 def test_bad_quant_input():
@@ -161,3 +244,70 @@ def test_engine_rejects_unknown_quant_mode_up_front():
     fn, spec = fs.models.from_diffusers(tiny_dit())
     with pytest.raises(ValueError, match="known modes"):
         fs.Engine(fn, spec, solver="euler", nfe=3, quant="int3")
+
+
+def test_quant_config_is_the_keyword_form():
+    opts = {"activation_scales": "static", "calibration_inputs": 1, "method": "percentile",
+            "percentile": 99.5}
+    a, y = _compile(tiny_dit(), nfe=2, quant=EMU, quant_options=opts)
+    b, _ = _compile(tiny_dit(), nfe=2, quant=fs.QuantConfig(EMU, **opts))
+    assert a._quant == b._quant == fs.QuantConfig(EMU, **opts)
+    assert torch.equal(a(_noise(), class_labels=y), b(_noise(), class_labels=y))
+    with pytest.raises(ValueError, match="quant_options given with quant=QuantConfig"):
+        _compile(tiny_dit(), quant=fs.QuantConfig(EMU), quant_options={"seed": 1})
+
+
+@pytest.mark.parametrize("kw,what", [
+    ({"mode": "int4"}, "unknown quant mode 'int4'; known modes: 'fp8', 'fp8-emulated'"),
+    ({"activation_scales": "per-channel"}, "QuantConfig.activation_scales must be one of"),
+    ({"calibration_inputs": 0}, "QuantConfig.calibration_inputs must be >= 1"),
+    ({"calibration_inputs": [1.0]}, "QuantConfig.calibration_inputs: expected a count >= 1 or"),
+    ({"method": "mse"}, "QuantConfig.method must be one of"),
+    ({"percentile": 0}, r"QuantConfig.percentile must be in \(0, 100\]"),
+    ({"percentile": float("nan")}, "QuantConfig.percentile"),
+    ({"combine": "min"}, "QuantConfig.combine must be one of"),
+    ({"seed": -1}, "QuantConfig.seed must be an int >= 0"),
+    ({"skip": ("*.emb.*",)}, "QuantConfig.skip must be SkipRules"),
+    ({"extra_skip": "proj_out"}, "QuantConfig.extra_skip must be a list of patterns"),
+    ({"fuse_qkv": "yes"}, "QuantConfig.fuse_qkv must be True or False"),
+])
+def test_quant_config_validation(kw, what):
+    with pytest.raises(ValueError, match=what):
+        fs.QuantConfig(**kw)
+
+
+def test_quant_config_json_round_trip():
+    from fewstep.quant import SkipRule
+
+    cfg = fs.QuantConfig("fp8", activation_scales="static", skip=(SkipRule("a*", "why"),),
+                         extra_skip=("b*", SkipRule("c", "d")), fuse_blocks=False)
+    assert fs.QuantConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+
+
+def test_calibration_plan_is_eager_without_torch_compile(monkeypatch):
+    import fewstep.engine.plan as plan_module
+
+    seen, real = [], plan_module._maybe_compile
+
+    def spy(model, compile_network, device):
+        seen.append(compile_network)
+        return real(model, compile_network, device)
+
+    monkeypatch.setattr(plan_module, "_maybe_compile", spy)
+    with pytest.warns(UserWarning, match="CUDA-only"):  # the plan's own request, on CPU
+        _compile(tiny_dit(), nfe=2, quant=EMU, compile_network=True,
+                 quant_options={"activation_scales": "static", "calibration_inputs": 1})
+    assert seen == [False, True]  # the calibration plan, then the plan
+
+
+def test_a_network_is_calibrated_once():
+    model = tiny_dit()
+    static = {"activation_scales": "static", "calibration_inputs": 1}
+    a, y = _compile(model, nfe=2, quant=EMU, quant_options=static)
+    scales = {n: m.act_scale for n, m in quantized_layers(model).items()}
+    out = a(_noise(), class_labels=y)
+    b, _ = _compile(model, nfe=3, quant=EMU, quant_options=static)  # another program on the same network
+    assert all(m.act_scale is scales[n] for n, m in quantized_layers(model).items())  # not recalibrated
+    assert torch.equal(a(_noise(), class_labels=y), out)  # the first plan is unchanged
+    with pytest.raises(ValueError, match="static scales were calibrated with"):
+        _compile(model, nfe=2, quant=EMU, quant_options={**static, "combine": "mean"})

@@ -13,6 +13,7 @@ ends.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 import time
@@ -27,6 +28,7 @@ from .. import solvers as S
 from ..solvers.gmm import GaussianMixture, point_of_time, program_error, rms
 from ..solvers.schedules import EDM, DiscreteVP, Flow, Point
 from ..solvers.spec import ModelSpec
+from .checks import positive_int_arg, writable_file
 
 __all__ = ["NFES", "Row", "Table", "accuracy_table", "default_spec", "diffusers_error", "add_arguments",
            "run", "main"]
@@ -432,8 +434,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nfe", type=_int_list, default=list(NFES), help="comma-separated NFE values")
     parser.add_argument("--solvers", type=_str_list, default=None, help="comma-separated subset of solvers")
     parser.add_argument("--spacings", type=_str_list, default=None, help="comma-separated spacings to try")
-    parser.add_argument("--samples", type=int, default=64, help="noise samples per cell")
-    parser.add_argument("--dim", type=int, default=4, help="dimension of the Gaussian mixture")
+    parser.add_argument("--samples", type=positive_int_arg, default=64, help="noise samples per cell")
+    parser.add_argument("--dim", type=positive_int_arg, default=4, help="dimension of the Gaussian mixture")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers column")
     parser.add_argument("--out", default="accuracy.png", help="PNG plot path (default accuracy.png)")
@@ -445,6 +447,12 @@ def run(args: argparse.Namespace) -> int:
     """``fewstep accuracy``: compute, print, plot (and optionally write markdown)."""
     if args.samples < 1 or args.dim < 1:
         raise ValueError("--samples and --dim must be >= 1")
+    # the outputs are checked before the table (minutes of work) is computed
+    writable_file(args.out, "--out")
+    if args.markdown:
+        writable_file(args.markdown, "--markdown")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ModuleNotFoundError("the plot (--out) needs matplotlib: pip install matplotlib")
     progress = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     table = accuracy_table(default_spec(args.schedule), args.nfe, solvers=args.solvers,
                            spacings=args.spacings, samples=args.samples, dim=args.dim, seed=args.seed,
@@ -473,5 +481,7 @@ def main(argv: "argparse.Namespace | Sequence[str] | None" = None, **kwargs: Any
     return run(args)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # errors as one line, like `fewstep accuracy`
+    from . import main as fewstep_main
+
+    sys.exit(fewstep_main(["accuracy", *sys.argv[1:]]))

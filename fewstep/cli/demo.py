@@ -1,10 +1,11 @@
 """``fewstep demo``: the bundled digits DiT, compiled into plans, sampled and measured.
 
-Builds a plan for the bundled class-conditional DiT (trained on scikit-learn's digits by
-``scripts/train_digits.py``), samples a 10x10 grid (one row per digit) into ``demo.png``, then prints a table
-per solver and NFE: latency of one plan call, class accuracy of the samples (the bundled classifier) and the
-Frechet distance to the real digits in the classifier's feature space.  On a machine without CUDA the plans
-run eagerly through the kernels' PyTorch references; on CUDA each plan is one CUDA-graph replay.
+Builds a plan for the bundled class-conditional DiT (trained by ``scripts/train_digits.py`` on
+scikit-learn's digits, which ship as an array file), samples a 10x10 grid (one row per digit) into
+``demo.png``, then prints a table per solver and NFE: latency of one plan call, class accuracy of the samples
+(the bundled classifier) and the Frechet distance to the real digits in the classifier's feature space.  On
+a machine without CUDA the plans run eagerly through the kernels' PyTorch references; on CUDA each plan is
+one CUDA-graph replay.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import statistics
 import sys
 import time
 
+from . import one_line
+from .checks import device as check_device
+from .checks import guidance_arg, guidance_or_none, int_at_least, positive_int_arg, writable_file
+
 DEFAULT_SOLVERS = ("euler", "ddim", "dpmpp_2m", "unipc")
 DEFAULT_NFES = (4, 8)
 
@@ -21,9 +26,12 @@ DEFAULT_NFES = (4, 8)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo.png", help="where to write the 10x10 grid (default: demo.png)")
     p.add_argument("--solver", default="unipc", help="solver for the grid (default: unipc)")
-    p.add_argument("--nfe", type=int, default=8, help="network calls for the grid (default: 8)")
+    p.add_argument("--nfe", type=positive_int_arg, default=8, help="network calls for the grid (default: 8)")
     p.add_argument(
-        "--guidance", type=float, default=1.5, help="classifier-free guidance scale (default: 1.5)"
+        "--guidance",
+        type=guidance_arg,
+        default=1.5,
+        help="classifier-free guidance scale, >= 0; 0: off (default: 1.5)",
     )
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     p.add_argument(
@@ -37,10 +45,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"comma-separated NFEs for the table (default: {','.join(map(str, DEFAULT_NFES))})",
     )
     p.add_argument(
-        "--per-class", type=int, default=30, help="samples per digit for the metrics (default: 30)"
+        "--per-class",
+        type=int_at_least(2),
+        default=30,
+        help="samples per digit for the metrics, >= 2 (default: 30)",
     )
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--repeats", type=int, default=3, help="timed plan calls per row (default: 3)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument(
+        "--repeats", type=positive_int_arg, default=3, help="timed plan calls per row (default: 3)"
+    )
 
 
 def _parse_list(text: str, kind, what: str) -> list:
@@ -53,24 +66,53 @@ def _parse_list(text: str, kind, what: str) -> list:
     return items
 
 
+def _check_nfes(nfes: list[int]) -> list[int]:
+    bad = [n for n in nfes if n < 1]
+    if bad:
+        raise ValueError(f"--nfes: every NFE must be >= 1, got {bad}")
+    return nfes
+
+
 def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _programs_check(build, spec, solver: str, nfe: int, solvers: list[str], nfes: list[int],
+                    guidance) -> dict[tuple[str, int], str]:
+    """Build every program the demo will use (milliseconds, no network): the grid's must build; a table cell
+    a solver cannot do (heun: odd NFE only) becomes a '-' row, returned as {(solver, nfe): reason}, but an NFE
+    no solver of the table can do is an error."""
+    build(solver, spec, nfe, guidance_scale=guidance)
+    cannot = {}
+    for s in solvers:
+        for n in nfes:
+            try:
+                build(s, spec, n, guidance_scale=guidance)
+            except ValueError as e:
+                cannot[s, n] = one_line(str(e).split(";")[0])
+    for n in nfes:
+        if all((s, n) in cannot for s in solvers):
+            raise ValueError(f"--nfes: no solver of the table can take NFE {n}: {cannot[solvers[0], n]}")
+    return cannot
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     import fewstep as fs
-    from fewstep.cli.png import image_grid, write_png
+    from fewstep.cli.images import image_grid, save_png
     from fewstep.models import digits, metrics
 
+    # every argument is checked here, before any work
     solvers = _parse_list(args.solvers, str, "solvers")
-    nfes = _parse_list(args.nfes, int, "nfes")
+    nfes = _check_nfes(_parse_list(args.nfes, int, "nfes"))
     for name in solvers + [args.solver]:
-        fs.solvers.get(name)  # unknown names fail here, before any work
-    if args.per_class < 2:
-        raise ValueError(f"--per-class must be >= 2, got {args.per_class}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        fs.solvers.get(name)  # unknown names fail here
+    device = check_device(args.device)
+    writable_file(args.out, "--out", suffixes=(".png",))
+    guidance = guidance_or_none(args.guidance)
+    cannot = _programs_check(fs.solvers.build, digits.digits_spec(), args.solver, args.nfe, solvers, nfes,
+                             guidance)
     t_start = time.perf_counter()
 
     _progress("[1/3] loading the bundled digits DiT and classifier")
@@ -91,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             solver=solver,
             nfe=nfe,
             shape=(labels.numel(), *digits.SAMPLE_SHAPE),
-            guidance_scale=args.guidance,
+            guidance_scale=guidance,
             device=device,
             cond={"class_labels": labels},
         )
@@ -104,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     labels = torch.arange(10).repeat_interleave(10).to(device)
     plan = make_plan(args.solver, args.nfe, labels)
     grid = plan(noise_for(100, args.seed), class_labels=labels, seed=args.seed).clamp(-1, 1).cpu()
-    write_png(args.out, image_grid(grid[:, 0].numpy(), rows=10, scale=4))
+    save_png(args.out, image_grid(grid[:, 0].numpy(), rows=10, scale=4))
     print(f"wrote {args.out}: a row per digit 0-9 ({args.solver}, NFE {args.nfe})")
 
     rows = []
@@ -112,15 +154,14 @@ def run(args: argparse.Namespace) -> int:
     labels = torch.arange(10).repeat_interleave(args.per_class).to(device)
     for k, (solver, nfe) in enumerate(combos, 1):
         _progress(f"[3/3] table {k}/{len(combos)}: {solver} NFE {nfe}")
-        try:
-            plan = make_plan(solver, nfe, labels)
-        except ValueError as e:  # a solver that cannot make this NFE (heun: odd only)
-            rows.append((solver, nfe, None, None, None, str(e).split(";")[0]))
+        if (solver, nfe) in cannot:
+            rows.append((solver, nfe, None, None, None, cannot[solver, nfe]))
             continue
+        plan = make_plan(solver, nfe, labels)
         noise = noise_for(labels.numel(), args.seed + 1)
         x = plan(noise, class_labels=labels, seed=args.seed)  # warm
         times = []
-        for _ in range(max(1, args.repeats)):
+        for _ in range(args.repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -136,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     n = labels.numel()
     print(
         f"\n{n} samples per row ({args.per_class} per digit), guidance {args.guidance:g}, seed {args.seed}; "
-        f"latency = median of {max(1, args.repeats)} plan calls on {_device_name(device)}"
+        f"latency = median of {args.repeats} plan calls on {_device_name(device)}"
     )
     print(f"{'solver':<12} {'NFE':>4} {'latency ms':>11} {'class acc':>10} {'Frechet dist':>13}")
     for solver, nfe, ms, acc, fd, note in rows:

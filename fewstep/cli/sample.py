@@ -2,38 +2,54 @@
 
 Bundled model: ``fewstep sample --solver unipc --nfe 8 --guidance 2 --labels 0,1,2 --out digits.png``.
 
-Local diffusers directory (loaded with ``from_pretrained`` from disk, never the network):
+Local diffusers directory (loaded with ``from_pretrained`` from disk, never the network, safetensors weights
+only: a pickled ``.bin`` is never loaded):
 
 * a pipeline directory (``model_index.json``) with a ``transformer`` or ``unet`` and a ``scheduler``; a
   ``vae`` next to them, if present, decodes the latents into the PNG;
 * or a bare model directory (``config.json`` of DiTTransformer2DModel, UNet2DConditionModel,
   SD3Transformer2DModel or FluxTransformer2DModel) plus ``--scheduler-config`` (a diffusers scheduler JSON).
 
-Class-conditional DiTs take ``--labels``; text-conditioned models take ``--cond FILE.pt``, a ``torch.save``d
-dict of conditioning tensors for one image (e.g. ``encoder_hidden_states``,
-``negative_encoder_hidden_states``,
-``pooled_projections``...), repeated over the batch.  Latents are also written next to the PNG as ``.pt``.
+Class-conditional DiTs take ``--labels``; text-conditioned models take ``--cond FILE``, the conditioning
+tensors of one image by name (e.g. ``encoder_hidden_states``, ``negative_encoder_hidden_states``,
+``pooled_projections``...) in a ``.safetensors`` file (``safetensors.torch.save_file``) or a ``.npz``
+(``numpy.savez``), repeated over ``--batch``.  Both are read as plain data: nothing is unpickled.  The latents
+are written next to the PNG, as ``latents`` in a ``.safetensors`` file.
+
+Every argument is checked before the model is loaded: the output path is writable, the device exists, the
+solver is known, the guidance scale is a finite number >= 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+from . import one_line
+from .checks import device as check_device
+from .checks import guidance_arg, guidance_or_none, positive_int_arg, writable_file
+
 _MODEL_DIRS = ("transformer", "unet")
+_COND_SUFFIXES = (".safetensors", ".npz")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", default="unipc", help="solver name (see `fewstep solvers`; default: unipc)")
-    p.add_argument("--nfe", type=int, default=8, help="network calls (default: 8)")
+    p.add_argument("--nfe", type=positive_int_arg, default=8, help="network calls (default: 8)")
     p.add_argument(
-        "--guidance", type=float, default=2.0, help="classifier-free guidance scale; 0 or less: off"
+        "--guidance",
+        type=guidance_arg,
+        default=2.0,
+        help="classifier-free guidance scale, >= 0; 0: off (default: 2)",
     )
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    p.add_argument("--out", default="samples.png", help="output PNG (default: samples.png)")
+    p.add_argument(
+        "--out",
+        default="samples.png",
+        help="output PNG; --diffusers also writes the latents beside it, .safetensors (default: samples.png)",
+    )
     p.add_argument(
         "--labels",
         default=None,
@@ -49,41 +65,65 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="diffusers scheduler config for a bare model directory",
     )
-    p.add_argument("--cond", metavar="FILE.pt", default=None, help="conditioning tensors for text models")
-    p.add_argument("--batch", type=int, default=1, help="images for text-conditioned models (default: 1)")
-    p.add_argument("--size", type=int, default=None, help="latent height/width (default: the model's)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument(
+        "--cond",
+        metavar="FILE",
+        default=None,
+        help="conditioning tensors for text models: .safetensors or .npz (never a pickle)",
+    )
+    p.add_argument(
+        "--batch", type=positive_int_arg, default=None, help="images for text-conditioned models (default: 1)"
+    )
+    p.add_argument(
+        "--size", type=positive_int_arg, default=None, help="latent height/width (default: the model's)"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
 
 
 def _labels(text: str | None, default: list[int]) -> list[int]:
     if text is None:
         return default
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        labels = [int(s) for s in text.split(",") if s.strip()]
     except ValueError as e:
         raise ValueError(f"--labels: expected comma-separated integers, got {text!r}") from e
+    if not labels:
+        raise ValueError(f"--labels: expected at least one label, got {text!r}")
+    return labels
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    import fewstep as fs
 
-    if args.nfe < 1:
-        raise ValueError(f"--nfe must be >= 1, got {args.nfe}")
-    guidance = args.guidance if args.guidance > 0 else None
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # every argument is checked here, before a model is loaded
+    fs.solvers.get(args.solver)  # an unknown name names the valid ones
+    device = check_device(args.device)
+    out = writable_file(args.out, "--out", suffixes=(".png",))
+    guidance = guidance_or_none(args.guidance)
     if args.diffusers is None:
-        return _sample_bundled(args, guidance, device)
-    return _sample_diffusers(args, guidance, device)
+        given = [f"--{k.replace('_', '-')}" for k in ("scheduler_config", "cond", "batch", "size")
+                 if getattr(args, k) is not None]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ValueError(f"{', '.join(given)} only {verb} with --diffusers DIR (the bundled digits model "
+                             "takes --labels)")
+        return _sample_bundled(args, out, guidance, device)
+    writable_file(out.with_suffix(".safetensors"), "--out (latents)")
+    if args.cond is not None and Path(args.cond).suffix.lower() not in _COND_SUFFIXES:
+        raise ValueError(_cond_suffix_message(args.cond))
+    return _sample_diffusers(args, out, guidance, device)
 
 
-def _sample_bundled(args, guidance, device) -> int:
+def _sample_bundled(args, out: Path, guidance, device) -> int:
     import torch
 
     import fewstep as fs
-    from fewstep.cli.png import image_grid, write_png
+    from fewstep.cli.images import image_grid, save_png
     from fewstep.models import digits
 
     labels = digits.check_class_labels(_labels(args.labels, list(range(10))), allow_null=False)
+    # the program alone first (milliseconds): an NFE or spacing the solver cannot do fails before the weights
+    fs.solvers.build(args.solver, digits.digits_spec(), args.nfe, args.spacing, guidance_scale=guidance)
     dit, _ = digits.load_digits_dit()
     model, spec = fs.models.from_diffusers(dit.to(device), digits.digits_scheduler_config())
     t0 = time.perf_counter()
@@ -100,12 +140,34 @@ def _sample_bundled(args, guidance, device) -> int:
     )
     noise = torch.randn(len(labels), *digits.SAMPLE_SHAPE, generator=torch.Generator().manual_seed(args.seed))
     x = plan(noise.to(device), class_labels=labels.to(device), seed=args.seed).clamp(-1, 1).cpu()
-    write_png(args.out, image_grid(x[:, 0].numpy(), rows=1, scale=4))
+    save_png(out, image_grid(x[:, 0].numpy(), rows=1, scale=4))
     print(
-        f"wrote {args.out}: digits {labels.tolist()} ({args.solver}, NFE {args.nfe}, guidance "
+        f"wrote {out}: digits {labels.tolist()} ({args.solver}, NFE {args.nfe}, guidance "
         f"{guidance or 0:g}, {time.perf_counter() - t0:.2f} s including the plan build)"
     )
     return 0
+
+
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; errors name the file and what is wrong."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what} {path}: not readable JSON ({one_line(e)})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _from_pretrained(cls, model_dir: Path, device):
+    """``cls.from_pretrained(model_dir)`` from disk and safetensors only; errors name the directory."""
+    try:
+        model = cls.from_pretrained(model_dir, local_files_only=True, use_safetensors=True)
+    except Exception as e:  # a missing, truncated or mismatched weights file: diffusers raises OSError etc.
+        raise ValueError(f"--diffusers: cannot load {cls.__name__} from {model_dir} ({one_line(e)})") from e
+    return model.to(device).eval()
 
 
 def _load_dir(path: Path, scheduler_config: str | None, device):
@@ -116,52 +178,104 @@ def _load_dir(path: Path, scheduler_config: str | None, device):
 
     if not path.is_dir():
         raise FileNotFoundError(f"--diffusers {path}: no such directory")
-    vae = None
+    vae_dir = None
     if (path / "model_index.json").is_file():
         sub = next((path / d for d in _MODEL_DIRS if (path / d / "config.json").is_file()), None)
         if sub is None:
-            raise ValueError(f"{path} has no {' or '.join(_MODEL_DIRS)}/config.json")
+            raise ValueError(f"--diffusers {path}: no {' or '.join(_MODEL_DIRS)}/config.json")
         sched_file = path / "scheduler" / "scheduler_config.json"
         if scheduler_config is None and not sched_file.is_file():
             raise FileNotFoundError(f"{sched_file} is missing (or pass --scheduler-config)")
         scheduler_config = scheduler_config or str(sched_file)
         if (path / "vae" / "config.json").is_file():
-            vae = (
-                diffusers.AutoencoderKL.from_pretrained(path / "vae", local_files_only=True).to(device).eval()
-            )
+            vae_dir = path / "vae"
         model_dir = sub
     else:
         model_dir = path
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has neither model_index.json nor config.json")
+            raise FileNotFoundError(f"--diffusers {path}: has neither model_index.json nor config.json")
         if scheduler_config is None:
             raise ValueError("a bare model directory needs --scheduler-config JSON")
-    cls_name = json.loads((model_dir / "config.json").read_text()).get("_class_name", "")
+    sched = _read_json(Path(scheduler_config), "scheduler config")
+    cls_name = _read_json(model_dir / "config.json", "model config").get("_class_name", "")
     names = list(SUPPORTED_MODELS)
     if cls_name not in names:
         raise ValueError(
             f"unsupported model class {cls_name!r} in {model_dir}; supported: {', '.join(names)}"
         )
-    net = getattr(diffusers, cls_name).from_pretrained(model_dir, local_files_only=True).to(device).eval()
-    sched_path = Path(scheduler_config)
-    if not sched_path.is_file():
-        raise FileNotFoundError(f"scheduler config {sched_path} not found")
-    return net, json.loads(sched_path.read_text()), vae
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # no multi-line loading advice on stderr
+    try:
+        net = _from_pretrained(getattr(diffusers, cls_name), model_dir, device)
+        vae = _from_pretrained(diffusers.AutoencoderKL, vae_dir, device) if vae_dir is not None else None
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+    return net, sched, vae
 
 
-def _sample_diffusers(args, guidance, device) -> int:
+def _cond_suffix_message(path) -> str:
+    return (f"--cond {path}: expected a .safetensors or .npz file of named tensors; other formats (a pickled "
+            ".pt included) are not loaded: save them with safetensors.torch.save_file(tensors, path)")
+
+
+def _load_cond(path: Path) -> dict:
+    """The named tensors of a ``--cond`` file, read as data (safetensors, or npz without pickles)."""
     import numpy as np
     import torch
 
-    import fewstep as fs
-    from fewstep.cli.png import write_png
+    if not path.is_file():
+        raise FileNotFoundError(f"--cond {path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix not in _COND_SUFFIXES:
+        raise ValueError(_cond_suffix_message(path))
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
 
+            tensors = load_file(str(path))
+        else:
+            with np.load(path, allow_pickle=False) as f:
+                tensors = {k: torch.from_numpy(np.array(f[k])) for k in f.files}
+    except Exception as e:  # truncated, not that format, an object array (a pickle)
+        raise ValueError(f"--cond {path}: not a readable {suffix} file of tensors ({one_line(e)})") from e
+    if not tensors:
+        raise ValueError(f"--cond {path}: holds no tensors")
+    bad = {k: str(v.dtype) for k, v in tensors.items() if v.dtype == torch.bool or v.dtype.is_complex}
+    if bad:
+        raise ValueError(f"--cond {path}: expected float or integer tensors, got {bad}")
+    return tensors
+
+
+def _repeat_cond(tensors: dict, batch: int, path, device) -> dict:
+    """Each tensor of one image (leading dim 1) repeated to ``batch``; a full batch is taken as it is."""
+    cond = {}
+    for k, v in tensors.items():
+        if v.dim() > 0 and v.shape[0] not in (1, batch):
+            raise ValueError(f"--cond {path}: tensor {k!r} has shape {tuple(v.shape)}; expected a leading "
+                             f"dimension of 1 (repeated over --batch) or {batch} (the --batch)")
+        if v.dim() > 0:
+            v = v.expand(batch, *v.shape[1:]).contiguous()
+        cond[k] = v.to(device)
+    return cond
+
+
+def _sample_diffusers(args, out: Path, guidance, device) -> int:
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    import fewstep as fs
+    from fewstep.cli.images import save_png
+
+    cond_tensors = _load_cond(Path(args.cond)) if args.cond is not None else None
     net, sched_cfg, vae = _load_dir(Path(args.diffusers), args.scheduler_config, device)
     model, spec = fs.models.from_diffusers(net, sched_cfg)
     cfg = net.config
     cls = type(net).__name__
     cond: dict = {}
     if cls == "DiTTransformer2DModel":
+        if args.cond is not None or args.batch is not None:
+            raise ValueError(f"{cls} is class-conditional: it takes --labels, not --cond / --batch")
         n_classes = int(cfg.num_embeds_ada_norm)
         labels = _labels(args.labels, [0])
         bad = [y for y in labels if not 0 <= y < n_classes]
@@ -170,16 +284,13 @@ def _sample_diffusers(args, guidance, device) -> int:
         batch = len(labels)
         cond["class_labels"] = torch.tensor(labels, device=device)
     else:
-        if args.cond is None:
-            raise ValueError(f"{cls} is text-conditioned: pass --cond FILE.pt with its conditioning tensors")
-        loaded = torch.load(args.cond, map_location="cpu", weights_only=True)
-        if not isinstance(loaded, dict):
-            raise ValueError(f"--cond {args.cond}: expected a dict of tensors, got {type(loaded).__name__}")
-        batch = args.batch
-        cond = {
-            k: v.expand(batch, *v.shape[1:]).contiguous().to(device) if v.dim() > 0 else v.to(device)
-            for k, v in loaded.items()
-        }
+        if args.labels is not None:
+            raise ValueError(f"{cls} is text-conditioned: it takes --cond FILE, not --labels")
+        if cond_tensors is None:
+            raise ValueError(f"{cls} is text-conditioned: pass --cond FILE (.safetensors or .npz) with its "
+                             "conditioning tensors")
+        batch = args.batch or 1
+        cond = _repeat_cond(cond_tensors, batch, args.cond, device)
     size = args.size or int(getattr(cfg, "sample_size", 64))
     channels = int(getattr(cfg, "in_channels", 4))
     if cls == "FluxTransformer2DModel":
@@ -204,24 +315,22 @@ def _sample_diffusers(args, guidance, device) -> int:
     )
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
     latents = plan(noise, seed=args.seed, **cond)
-    out = Path(args.out)
-    torch.save(latents.cpu(), out.with_suffix(".pt"))
+    lat_path = out.with_suffix(".safetensors")
+    save_file({"latents": latents.detach().cpu().contiguous()}, str(lat_path))
     if vae is not None:
         with torch.no_grad():
             sf = float(getattr(vae.config, "scaling_factor", 1.0))
             img = vae.decode(latents.to(vae.dtype) / sf).sample.clamp(-1, 1).float().cpu()
         tiles = ((img.permute(0, 2, 3, 1).numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
-        write_png(
+        save_png(
             out,
             np.concatenate(list(tiles), axis=1)
             if tiles.shape[-1] == 3
             else np.concatenate(list(tiles[..., 0]), axis=1),
         )
-        print(f"wrote {out} and {out.with_suffix('.pt')}", end="")
+        print(f"wrote {out} and {lat_path}", end="")
     else:
-        print(f"wrote latents {out.with_suffix('.pt')} (no vae/ in {args.diffusers}: no PNG)", end="")
-    print(
-        f" ({cls}, {args.solver}, NFE {args.nfe}, {time.perf_counter() - t0:.2f} s including the plan build)",
-        file=sys.stdout,
-    )
+        print(f"wrote latents {lat_path} (no vae/ in {args.diffusers}: no PNG)", end="")
+    seconds = time.perf_counter() - t0
+    print(f" ({cls}, {args.solver}, NFE {args.nfe}, {seconds:.2f} s including the plan build)")
     return 0

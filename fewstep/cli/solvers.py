@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from .checks import positive_int_arg
+
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", help="show one solver's options and a sample program")
-    parser.add_argument("--nfe", type=int, default=4, help="NFE of the sample program shown with a name")
+    parser.add_argument("--nfe", type=positive_int_arg, default=4,
+                        help="NFE of the sample program shown with a name (default: 4)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,9 +32,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:14s} {kind:16s} {info.doc}")
         return 0
     info = S.get(args.name)
+    program = S.build(args.name, S.ModelSpec(S.schedules.DiscreteVP()), args.nfe)  # errors before any output
     print(info.doc)
     for f in dataclasses.fields(info.options):
         print(f"  {f.name} = {f.default!r}")
-    spec = S.ModelSpec(S.schedules.DiscreteVP())
-    print(S.build(args.name, spec, args.nfe).describe())
+    print(program.describe())
     return 0

@@ -176,3 +176,17 @@ def test_missing_diffusers_prints_dashes_and_why(tmp_path, capsys, monkeypatch):
     assert rc == 0 and png.exists()
     assert "diffusers column: diffusers is not importable" in out
     assert "diffusers  " not in out  # no diffusers rows
+
+
+def test_outputs_are_checked_before_the_table(tmp_path, monkeypatch):
+    """An unwritable --out or --markdown fails at once, not after minutes of computing the table."""
+
+    def table(*a, **k):
+        raise AssertionError("the table was computed before the outputs were checked")
+
+    monkeypatch.setattr(accuracy, "accuracy_table", table)
+    with pytest.raises(ValueError, match="--markdown .*does not exist"):
+        accuracy.main(["--out", str(tmp_path / "a.png"), "--markdown", str(tmp_path / "no" / "a.md")])
+    with pytest.raises(ValueError, match="--out .*is a directory"):
+        accuracy.main(["--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())

@@ -44,13 +44,25 @@ class Lin:
     def __init__(self, terms: Mapping[str, float] | None = None):
         self.terms = {k: float(v) for k, v in (terms or {}).items() if v != 0.0}
 
+    @classmethod
+    def _of(cls, terms: dict[str, float]) -> "Lin":
+        """A Lin holding ``terms`` as they are (float coefficients, zeros dropped): the arithmetic below makes
+        thousands of these per program, and the checks of ``__init__`` would double its cost."""
+        out = cls.__new__(cls)
+        out.terms = terms
+        return out
+
     def __add__(self, other: "Lin") -> "Lin":
         if not isinstance(other, Lin):
             return NotImplemented
         t = dict(self.terms)
         for k, v in other.terms.items():
-            t[k] = t.get(k, 0.0) + v
-        return Lin(t)
+            s = t.get(k, 0.0) + v
+            if s == 0.0:
+                t.pop(k, None)
+            else:
+                t[k] = s
+        return Lin._of(t)
 
     def __sub__(self, other: "Lin") -> "Lin":
         if not isinstance(other, Lin):
@@ -60,7 +72,8 @@ class Lin:
     def __mul__(self, c: float) -> "Lin":
         if isinstance(c, Lin):
             raise TypeError("a solver update must stay linear in the registers: Lin * Lin is not allowed")
-        return Lin({k: v * float(c) for k, v in self.terms.items()})
+        c = float(c)
+        return Lin._of({k: p for k, v in self.terms.items() if (p := v * c) != 0.0})
 
     __rmul__ = __mul__
 
@@ -334,21 +347,39 @@ def _input_key(r: str) -> tuple[int, int]:
 
 
 def _express(v: Lin, basis: list[Lin]) -> list[float] | None:
-    """Coefficients c with v == sum c_i basis_i exactly (to float64 rounding), or None."""
+    """Coefficients c with v == sum c_i basis_i exactly (to float64 rounding), or None.
+
+    Least squares by modified Gram-Schmidt in plain Python: the systems are a handful of registers, where
+    numpy's per-call overhead was most of a 1000-step build.  The residual check decides.
+    """
     if not basis:
         return None
-    names = sorted(set(v.terms).union(*(b.terms for b in basis)))
-    if not set(v.terms) <= set().union(*(b.terms for b in basis)):
+    support = set().union(*(b.terms for b in basis))
+    if not v.terms.keys() <= support:
         return None
-    a = np.array([[b.coef(n) for b in basis] for n in names])
-    y = np.array([v.coef(n) for n in names])
-    c, *_ = np.linalg.lstsq(a, y, rcond=None)
-    scale = max(np.abs(y).max(), 1e-300)
-    if np.abs(a @ c - y).max() > 1e-12 * scale:
+    names = sorted(support)
+    y = [v.terms.get(n, 0.0) for n in names]
+    qs: list[tuple[int, list[float]]] = []  # (column, orthonormal vector)
+    r: dict[tuple[int, int], float] = {}
+    for j, b in enumerate(basis):
+        w = [b.terms.get(n, 0.0) for n in names]
+        for i, q in qs:
+            r[i, j] = rij = sum(a * c for a, c in zip(q, w))
+            w = [a - rij * c for a, c in zip(w, q)]
+        norm = math.sqrt(sum(a * a for a in w))
+        if norm > 0.0:  # a zero column (a register holding 0) gets coefficient 0
+            r[j, j] = norm
+            qs.append((j, [a / norm for a in w]))
+    c = [0.0] * len(basis)
+    for i, q in reversed(qs):  # back substitution: R c = Q^T y
+        known = sum(r.get((i, k), 0.0) * c[k] for k in range(i + 1, len(c)))
+        c[i] = (sum(a * yy for a, yy in zip(q, y)) - known) / r[i, i]
+    scale = max(max(abs(t) for t in y), 1e-300)
+    fit = [sum(ck * b.terms.get(n, 0.0) for ck, b in zip(c, basis)) for n in names]
+    if max(abs(f - t) for f, t in zip(fit, y)) > 1e-12 * scale:
         return None
-    big = np.abs(c).max()
-    c[np.abs(c) < 1e-15 * big] = 0.0
-    return [float(x) for x in c]
+    big = max(abs(x) for x in c)
+    return [0.0 if abs(x) < 1e-15 * big else x for x in c]
 
 
 def _check_finite(prog: StepProgram) -> None:

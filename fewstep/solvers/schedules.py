@@ -144,12 +144,16 @@ class DiscreteVP:
 
     def timestep_of_sigma(self, sigma_tilde: float) -> float:
         """Fractional timestep of a sigma by interpolation in log-sigma (diffusers' ``_sigma_to_t``)."""
+        return float(self.timesteps_of_sigmas([sigma_tilde])[0])
+
+    def timesteps_of_sigmas(self, sigmas_tilde) -> np.ndarray:
+        """:meth:`timestep_of_sigma` of each sigma, at once (one grid's worth)."""
         log_sigmas = self.log_sigmas
-        log_sigma = math.log(max(sigma_tilde, 1e-10))
-        dists = log_sigma - log_sigmas
-        low = int(np.clip(np.cumsum(dists >= 0).argmax(), 0, len(log_sigmas) - 2))
+        log_sigma = np.array([math.log(max(float(s), 1e-10)) for s in sigmas_tilde])
+        dists = log_sigma[:, None] - log_sigmas[None, :]
+        low = np.clip(np.cumsum(dists >= 0, axis=1).argmax(axis=1), 0, len(log_sigmas) - 2)
         low_v, high_v = log_sigmas[low], log_sigmas[low + 1]
-        w = float(np.clip((low_v - log_sigma) / (low_v - high_v), 0, 1))
+        w = np.clip((low_v - log_sigma) / (low_v - high_v), 0, 1)
         return (1 - w) * low + w * (low + 1)
 
     @property

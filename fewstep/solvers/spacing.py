@@ -188,7 +188,7 @@ def beta_sigmas(sigma_min: float, sigma_max: float, n: int, a: float = 0.6, b: f
     except ImportError as e:  # pragma: no cover - scipy is a dependency
         raise ImportError("the 'beta' spacing needs scipy (pip install scipy)") from e
     q = 1 - np.linspace(0, 1, n)
-    return np.array([sigma_min + betaincinv(a, b, t) * (sigma_max - sigma_min) for t in q])
+    return sigma_min + betaincinv(a, b, q) * (sigma_max - sigma_min)
 
 
 def loglinear_interp(values: Sequence[float], n: int) -> np.ndarray:
@@ -296,7 +296,7 @@ def _vp_grid(spec, sched: DiscreteVP, sp: Spacing, n: int, family: str, final: s
             ts0 = _vp_timesteps(sched, Spacing("linspace"), n, "euler")
             base = np.interp(ts0, np.arange(len(table)), table)
             sig = sigma_spacing(sp, float(base[-1]), float(base[0]), n)
-        ts = np.array([sched.timestep_of_sigma(s) for s in sig])
+        ts = sched.timesteps_of_sigmas(sig)
         if family == "multistep" and sched.beta_schedule != "squaredcos_cap_v2":
             if sp.name in ("exponential", "beta"):
                 # diffusers' multistep schedulers round karras timesteps, but exponential / beta ones only

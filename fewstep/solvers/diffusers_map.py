@@ -36,15 +36,15 @@ __all__ = ["Equivalent", "EQUIVALENTS", "resolve", "to_diffusers", "diffusers_ba
 class Equivalent:
     """A solver's diffusers scheduler.
 
-    config: ``(opts, spacing) -> overrides`` of the base config (:func:`diffusers_base_config`) that make the
-    scheduler equal to the solver; ValueError where it cannot be.  An override set to None drops that base
-    key (the class has it built in).  options: ``scheduler config -> {option: value}``, the solver options
-    that reproduce a config of this class.  spacing: ``config -> Spacing | None`` where the class has a grid
-    parameter of its own (CMStochasticIterative's rho).
+    config: ``(opts, spacing, spec) -> overrides`` of the base config (:func:`diffusers_base_config`) that
+    make the scheduler equal to the solver; ValueError where it cannot be.  An override set to None drops
+    that base key (the class has it built in).  options: ``scheduler config -> {option: value}``, the solver
+    options that reproduce a config of this class.  spacing: ``config -> Spacing | None`` where the class has
+    a grid parameter of its own (CMStochasticIterative's rho).
     """
 
     scheduler: str
-    config: Callable[[Any, Spacing], dict]
+    config: Callable[[Any, Spacing, ModelSpec], dict]
     options: Callable[[Mapping[str, Any]], dict] = field(default=lambda cfg: {})
     spacing: Callable[[Mapping[str, Any]], Spacing | None] = field(default=lambda cfg: None)
 
@@ -52,7 +52,7 @@ class Equivalent:
 def _ends_at_zero(scheduler: str) -> Equivalent:
     """A scheduler with nothing to set but that always ends at sigma = 0."""
 
-    def config(o, sp) -> dict:
+    def config(o, sp: Spacing, spec: ModelSpec) -> dict:
         if o.final != "zero":
             raise ValueError(f"{scheduler} always ends at sigma = 0: final must be 'zero'")
         return {}
@@ -61,19 +61,19 @@ def _ends_at_zero(scheduler: str) -> Equivalent:
 
 
 # -- DDIM, LCM, TCD, consistency models ----------------------------------------------------------------------
-def _ddim(o, sp: Spacing) -> dict:
+def _ddim(o, sp: Spacing, spec: ModelSpec) -> dict:
     if sp.name not in DDIM_SPACINGS:
         raise ValueError(f"DDIMScheduler has no {sp.name!r} spacing")
     return {"set_alpha_to_one": o.final == "zero", "clip_sample": False}
 
 
-def _tcd(o, sp: Spacing) -> dict:
+def _tcd(o, sp: Spacing, spec: ModelSpec) -> dict:
     if o.final != "sigma_min":
         raise ValueError("TCDScheduler's last step lands on timestep 0: final must be 'sigma_min'")
     return {"original_inference_steps": o.original_inference_steps}
 
 
-def _cm(o, sp: Spacing) -> dict:
+def _cm(o, sp: Spacing, spec: ModelSpec) -> dict:
     if o.train_steps is None or o.gamma != 1 or o.final != "sigma_min":
         raise ValueError("cm equals diffusers' CMStochasticIterativeScheduler only with "
                          "train_steps=N, gamma=1 and final='sigma_min'")
@@ -81,9 +81,17 @@ def _cm(o, sp: Spacing) -> dict:
             "use_karras_sigmas": None}  # karras is its only grid
 
 
+def _euler(o, sp: Spacing, spec: ModelSpec) -> dict:
+    if o.final == "sigma_min" and spec.schedule.kind == "vp":
+        raise ValueError("EulerDiscreteScheduler returns its sample in k-diffusion variables, x / alpha, so "
+                         "at final sigma_min it is 1 / alpha_min times fewstep's (the schedule's own x, as "
+                         "DPMSolverMultistep's): no exact equivalent")
+    return {"final_sigmas_type": o.final}
+
+
 # -- multistep solvers ---------------------------------------------------------------------------------------
-def _dpm_multistep(sde: bool) -> Callable[[Any, Spacing], dict]:
-    def config(o, sp: Spacing) -> dict:
+def _dpm_multistep(sde: bool) -> Callable[[Any, Spacing, ModelSpec], dict]:
+    def config(o, sp: Spacing, spec: ModelSpec) -> dict:
         if o.taylor_d2 and o.order == 3:
             raise ValueError("taylor_d2 has no diffusers equivalent (diffusers uses the published D2 weight)")
         if sp.name not in ("linspace", "leading", "trailing", "karras", "exponential", "beta", "flow"):
@@ -102,7 +110,7 @@ def _dpm_options(cfg: Mapping[str, Any]) -> dict:
     return {opt: cfg[k] for k, opt in keys.items() if k in cfg}
 
 
-def _dpm_singlestep(o, sp: Spacing) -> dict:
+def _dpm_singlestep(o, sp: Spacing, spec: ModelSpec) -> dict:
     if sp.name not in ("linspace", "karras", "exponential", "beta"):
         raise ValueError(f"DPMSolverSinglestepScheduler has no {sp.name!r} spacing "
                          f"(it supports linspace, karras, exponential, beta)")
@@ -110,7 +118,7 @@ def _dpm_singlestep(o, sp: Spacing) -> dict:
                 lower_order_final=o.lower_order_final, final_sigmas_type=o.final)
 
 
-def _unipc(o, sp: Spacing) -> dict:
+def _unipc(o, sp: Spacing, spec: ModelSpec) -> dict:
     if o.euler_at_final and not o.lower_order_final:
         raise ValueError("UniPCMultistepScheduler has no euler_at_final (it matches with lower_order_final)")
     if sp.name == "flow" and not o.predict_x0:
@@ -131,7 +139,7 @@ def _unipc_options(cfg: Mapping[str, Any]) -> dict:
     return out
 
 
-def _deis(o, sp: Spacing) -> dict:
+def _deis(o, sp: Spacing, spec: ModelSpec) -> dict:
     if o.final != "sigma_min":
         raise ValueError("DEISMultistepScheduler always ends at sigma_min: use final='sigma_min' to match it")
     if o.euler_at_final:
@@ -153,7 +161,7 @@ def _deis_options(cfg: Mapping[str, Any]) -> dict:
     return out
 
 
-def _ipndm(o, sp: Spacing) -> dict:
+def _ipndm(o, sp: Spacing, spec: ModelSpec) -> dict:
     if o.grid != "ipndm":
         raise ValueError("diffusers' IPNDMScheduler has its own grid and time input: use grid='ipndm'")
     if o.order != 4 or o.lower_order_final or o.euler_at_final:
@@ -167,7 +175,7 @@ EQUIVALENTS: dict[str, Equivalent] = {
         lambda cfg: {"final": "zero" if cfg.get("set_alpha_to_one", True) else "sigma_min"}),
     "lcm": Equivalent(
         "LCMScheduler",
-        lambda o, sp: {"original_inference_steps": o.original_inference_steps,
+        lambda o, sp, spec: {"original_inference_steps": o.original_inference_steps,
                        "timestep_scaling": o.timestep_scaling},
         lambda cfg: {k: cfg[k] for k in ("original_inference_steps", "timestep_scaling") if k in cfg}),
     "tcd": Equivalent(
@@ -179,7 +187,7 @@ EQUIVALENTS: dict[str, Equivalent] = {
                      "s_noise": cfg.get("s_noise", 1.0), "gamma": 1.0, "final": "sigma_min"},
         lambda cfg: Spacing("karras", rho=float(cfg.get("rho", 7.0)))),
     "euler": Equivalent(
-        "EulerDiscreteScheduler", lambda o, sp: {"final_sigmas_type": o.final},
+        "EulerDiscreteScheduler", _euler,
         lambda cfg: {"final": cfg["final_sigmas_type"]} if "final_sigmas_type" in cfg else {}),
     "heun": _ends_at_zero("HeunDiscreteScheduler"),
     "flow_euler": _ends_at_zero("FlowMatchEulerDiscreteScheduler"),
@@ -291,7 +299,7 @@ def to_diffusers(name: str, spec: ModelSpec, spacing: "str | Spacing | Sequence[
         raise ValueError(f"solver {name!r} has no diffusers equivalent")
     _, sp, opts = resolve(name, spec, spacing, options)
     cls_name = eq.scheduler
-    overrides = eq.config(opts, sp)
+    overrides = eq.config(opts, sp, spec)
     cls = getattr(diffusers, cls_name)
     cfg = diffusers_base_config(spec, sp)
     if spec.schedule.kind == "flow" and not cls_name.startswith("FlowMatch"):

@@ -309,3 +309,40 @@ def test_lcm_tcd_reject_sigma_spacings(name):
 def test_cm_without_a_diffusers_equivalent_says_so():
     with pytest.raises(ValueError, match="CMStochasticIterativeScheduler only with"):
         fs.solvers.to_diffusers("cm", fs.ModelSpec(EDM()), gamma=0.5)
+
+
+# -- a scheduler's own config reproduces it with no options ------------------------------------------------
+@pytest.mark.parametrize("name,kw", [
+    ("lcm", {}), ("lcm", {"original_inference_steps": 25, "timestep_scaling": 5.0}),
+    ("tcd", {}), ("tcd", {"original_inference_steps": 20, "prediction_type": "v_prediction"}),
+])
+def test_lcm_tcd_from_their_scheduler_config_by_default(monkeypatch, name, kw):
+    cls, module = {"lcm": (diffusers.LCMScheduler, lcm_module),
+                   "tcd": (diffusers.TCDScheduler, tcd_module)}[name]
+    sch = cls(**kw)
+    spec = fs.ModelSpec.from_diffusers_scheduler_config(sch.config)
+    nfe = 4
+    prog = fs.solvers.build(name, spec, nfe)
+    noise, zs = _randn(11), [_randn(900 + i) for i in range(nfe)]
+    feed_noise(monkeypatch, module, zs)
+    ref, times = pipeline_loop(sch, toy_model, noise, nfe)
+    ours, seen = _run_ours(prog, toy_model, noise, zs)
+    assert seen == times
+    assert rel_err(ours, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_train_timesteps": 18, "rho": 5.0, "s_noise": 0.5}])
+def test_cm_from_its_scheduler_config_by_default(monkeypatch, kw):
+    """clip_denoised clamps x0 to [-1, 1], which no linear program does: that part of the config is not
+    reproduced (diffusers_map.py says so)."""
+    sch = diffusers.CMStochasticIterativeScheduler(clip_denoised=False, **kw)
+    spec = fs.ModelSpec.from_diffusers_scheduler_config(sch.config)
+    assert spec == fs.ModelSpec(EDM(SMIN, SMAX, SDATA), "sample")  # the consistency function predicts x0
+    nfe = 3
+    prog = fs.solvers.build("cm", spec, nfe)
+    noise, zs = _randn(12), [_randn(950 + i) for i in range(nfe)]
+    feed_noise(monkeypatch, cm_module, zs)
+    ref, times = pipeline_loop(sch, consistency_net, noise, nfe)
+    ours, seen = _run_ours(prog, consistency_denoiser, noise, zs)
+    assert [250 * math.log(s) for s in seen] == pytest.approx(times, abs=1e-3)
+    assert rel_err(ours, ref) <= 1e-5

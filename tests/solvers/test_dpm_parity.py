@@ -12,7 +12,14 @@ from fewstep.solvers.grids import dpm_grid
 from fewstep.solvers.reference import count_calls
 from fewstep.solvers.spacing import Spacing, as_spacing
 
-from .harness import assert_matches_diffusers, diffusers_sample, guided_toy_model, rel_err, toy_model
+from .harness import (
+    FixedSDE3Scheduler,
+    assert_matches_diffusers,
+    diffusers_sample,
+    guided_toy_model,
+    rel_err,
+    toy_model,
+)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -20,28 +27,6 @@ VP = fs.schedules.DiscreteVP(beta_start=0.00085, beta_end=0.012, beta_schedule="
 SPACINGS = ["linspace", "leading", "trailing", "karras", "exponential", "beta"]
 PREDS = ["epsilon", "v_prediction", "sample"]
 NFES = [1, 2, 3, 5, 8]
-
-
-class FixedSDE3Scheduler(diffusers.DPMSolverMultistepScheduler):
-    """diffusers' multistep scheduler with the third-order sde-dpmsolver++ D2 weight corrected from
-    ``(1 - e^-2h - 2h) / (2h)^2 - 0.5`` to ``... + 0.5`` (k-diffusion's sample_dpmpp_3m_sde, the 2h
-    analogue of the ODE weight; diffusers' tends to -1 as h -> 0): the update is diffusers' + alpha_t D2."""
-
-    def multistep_dpm_solver_third_order_update(self, model_output_list, *args, sample=None, noise=None, **k):
-        x = super().multistep_dpm_solver_third_order_update(
-            model_output_list, *args, sample=sample, noise=noise, **k)
-        if self.config.algorithm_type != "sde-dpmsolver++":
-            return x
-        i = self.step_index
-        lam = []
-        for s in (self.sigmas[i + 1], self.sigmas[i], self.sigmas[i - 1], self.sigmas[i - 2]):
-            a, sg = self._sigma_to_alpha_sigma_t(s)
-            lam.append((torch.log(a) - torch.log(sg), a))
-        (lt, alpha_t), (l0, _), (l1, _), (l2, _) = lam
-        r0, r1 = (l0 - l1) / (lt - l0), (l1 - l2) / (lt - l0)
-        m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
-        d2 = ((m0 - m1) / r0 - (m1 - m2) / r1) / (r0 + r1)
-        return x + alpha_t * d2
 
 
 def _spacing(name: str) -> Spacing:

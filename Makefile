@@ -19,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	FEWSTEP_SKIP_CUDA_BUILD=$(if $(HAS_GPU),0,1) $(BIN)/pip install -q --no-build-isolation -e ".[test]"
+	FEWSTEP_SKIP_CUDA_BUILD=$(if $(HAS_GPU),0,1) $(BIN)/pip install -q --no-build-isolation -e ".[test,export,serve]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -9,8 +9,9 @@ timesteps (including diffusers' float32 rounding of sigma tables); the family is
 * ``"euler"`` -- Euler / Heun: ``n`` (possibly fractional) timesteps with linearly interpolated sigmas.
 
 Timestep spacings: linspace, leading (``steps_offset``), trailing.  Sigma spacings: karras (``rho``),
-exponential, beta (``beta_a``, ``beta_b``), ays (Align Your Steps tables for SD1.5 / SDXL / SVD, log-linearly
-interpolated to other step counts as in the AYS paper), and explicit ``timesteps`` / ``sigmas`` lists.  Flow
+exponential, beta (``beta_a``, ``beta_b``), ays (Align Your Steps tables for SD1.5 / SDXL / SVD: the published
+timesteps (SD1.5 / SDXL on a 1000-step VP schedule) or sigmas at 10 steps, sigmas log-linearly interpolated to
+other step counts as in the AYS paper), and explicit ``timesteps`` / ``sigmas`` lists.  Flow
 schedules use ``flow`` (the shifted linear grid of SD3 / Flux); EDM schedules default to karras.
 """
 
@@ -34,7 +35,9 @@ __all__ = [
     "exponential_sigmas",
     "beta_sigmas",
     "ays_sigmas",
-    "AYS_TABLES",
+    "ays_timesteps",
+    "AYS_SIGMAS",
+    "AYS_TIMESTEPS",
     "as_spacing",
     "loglinear_interp",
 ]
@@ -59,12 +62,20 @@ _VALID = {
     "flow": ("flow", "linspace", "karras", "exponential", "beta", "timesteps", "sigmas"),
 }
 
-# Align Your Steps (Sabour et al. 2024) 10-step schedules, as published (k-diffusion sigmas, last = 0).
-AYS_TABLES = {
+# Align Your Steps (Sabour et al. 2024), the published 10-step schedules: k-diffusion sigmas (last = 0) for
+# each model, and for the discrete-time ones (SD1.5, SDXL) also their timesteps of the 1000-step training
+# schedule, which is what those networks receive (the same numbers as diffusers' AysSchedules).  At 10 steps
+# they are used as published; other step counts interpolate the sigmas log-linearly (the paper's App. C).
+AYS_SIGMAS = {
     "sd15": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.0),
     "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.0),
     "svd": (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.0),
 }
+AYS_TIMESTEPS = {
+    "sd15": (999, 850, 736, 645, 545, 455, 343, 233, 124, 24),
+    "sdxl": (999, 845, 730, 587, 443, 310, 193, 116, 53, 13),
+}
+AYS_TRAIN_TIMESTEPS = 1000  # the schedule AYS_TIMESTEPS index
 
 
 @dataclass(frozen=True)
@@ -95,8 +106,8 @@ class Spacing:
             object.__setattr__(self, "values", vals)
         if not (self.rho > 0 and math.isfinite(self.rho)):
             raise ValueError(f"karras rho must be a positive number, got {self.rho}")
-        if self.ays not in AYS_TABLES:
-            raise ValueError(f"unknown AYS table {self.ays!r}; valid: {', '.join(AYS_TABLES)}")
+        if self.ays not in AYS_SIGMAS:
+            raise ValueError(f"unknown AYS table {self.ays!r}; valid: {', '.join(AYS_SIGMAS)}")
         if self.steps_offset < 0:
             raise ValueError(f"steps_offset must be >= 0, got {self.steps_offset}")
 
@@ -200,10 +211,20 @@ def loglinear_interp(values: Sequence[float], n: int) -> np.ndarray:
 
 
 def ays_sigmas(table: str, n: int) -> np.ndarray:
-    """Align-Your-Steps sigmas for ``n`` steps (``n + 1`` values ending in 0)."""
-    t = AYS_TABLES[table]
+    """Align-Your-Steps sigmas for ``n`` steps (``n + 1`` values ending in 0): as published at the table's own
+    step count, else log-linearly interpolated."""
+    t = AYS_SIGMAS[table]
     body = np.array(t[:-1]) if n == len(t) - 1 else loglinear_interp(t[:-1], n)
     return np.concatenate([body, [0.0]])
+
+
+def ays_timesteps(table: str, n: int, num_train_timesteps: int) -> tuple[int, ...] | None:
+    """The published Align-Your-Steps timesteps for ``n`` steps of a ``num_train_timesteps``-step schedule,
+    or None where there are none (SVD, another step count or schedule length: use :func:`ays_sigmas`)."""
+    ts = AYS_TIMESTEPS.get(table)
+    if ts is None or n != len(ts) or num_train_timesteps != AYS_TRAIN_TIMESTEPS:
+        return None
+    return ts
 
 
 def sigma_spacing(sp: Spacing, smin: float, smax: float, n: int) -> np.ndarray:
@@ -263,6 +284,8 @@ def _vp_grid(spec, sched: DiscreteVP, sp: Spacing, n: int, family: str, final: s
     # is exactly zero-length, as SDE noise ~ sqrt(h) would show a one-ulp difference
     table = f32_sigmas(sched).astype(np.float64) if family == "multistep" else sched.sigmas_tilde
     sigma_last = 0.0 if final == "zero" else float(table[0])
+    # AYS at its own step count: the published timesteps, as for an explicit list
+    published = ays_timesteps(sp.ays, n, sched.num_train_timesteps) if sp.name == "ays" else None
     if sp.name in _TIMESTEP_SPACINGS:
         ts = _vp_timesteps(sched, sp, n, family)
         if ts.max() > sched.num_train_timesteps - 1 or ts.min() < 0:
@@ -272,8 +295,8 @@ def _vp_grid(spec, sched: DiscreteVP, sp: Spacing, n: int, family: str, final: s
                 f"[0, {sched.num_train_timesteps - 1}]"
             )
         sig = np.interp(ts, np.arange(len(table)), table)
-    elif sp.name == "timesteps":
-        ts = np.array(sp.values, dtype=np.float64)
+    elif sp.name == "timesteps" or published is not None:
+        ts = np.array(published or sp.values, dtype=np.float64)
         if ts.max() > sched.num_train_timesteps - 1:
             raise ValueError(f"timesteps must lie in [0, {sched.num_train_timesteps - 1}], got {ts.tolist()}")
         if len(ts) != n:

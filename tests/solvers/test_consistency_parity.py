@@ -51,6 +51,17 @@ def _run_ours(prog, model, noise, zs):
     return fs.solvers.run_reference(prog, fn, noise, step_noise=zs), seen
 
 
+def _assert_matches_noisy(monkeypatch, module, sch, prog, nfe, seed):
+    """``prog`` and ``sch`` (whose step() draws noise from ``module``) on the same noise: same calls, same
+    sample."""
+    noise, zs = _randn(seed), [_randn(100 * seed + 100 + i) for i in range(nfe)]
+    feed_noise(monkeypatch, module, zs)
+    ref, times = pipeline_loop(sch, toy_model, noise, nfe)
+    ours, seen = _run_ours(prog, toy_model, noise, zs)
+    assert seen == times
+    assert rel_err(ours, ref) <= 1e-5
+
+
 # -- LCM ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("nfe", [1, 2, 3, 4, 8])
@@ -77,12 +88,7 @@ def test_lcm_options_match_diffusers(monkeypatch, orig, scaling, nfe):
     opts = dict(original_inference_steps=orig, timestep_scaling=scaling)
     prog = fs.solvers.build("lcm", spec, nfe, **opts)
     sch = fs.solvers.to_diffusers("lcm", spec, **opts)
-    noise, zs = _randn(1), [_randn(200 + i) for i in range(nfe)]
-    feed_noise(monkeypatch, lcm_module, zs)
-    ref, times = pipeline_loop(sch, toy_model, noise, nfe)
-    ours, seen = _run_ours(prog, toy_model, noise, zs)
-    assert seen == times
-    assert rel_err(ours, ref) <= 1e-5
+    _assert_matches_noisy(monkeypatch, lcm_module, sch, prog, nfe, seed=1)
 
 
 def test_lcm_explicit_timesteps_match_diffusers(monkeypatch):
@@ -321,14 +327,7 @@ def test_lcm_tcd_from_their_scheduler_config_by_default(monkeypatch, name, kw):
                    "tcd": (diffusers.TCDScheduler, tcd_module)}[name]
     sch = cls(**kw)
     spec = fs.ModelSpec.from_diffusers_scheduler_config(sch.config)
-    nfe = 4
-    prog = fs.solvers.build(name, spec, nfe)
-    noise, zs = _randn(11), [_randn(900 + i) for i in range(nfe)]
-    feed_noise(monkeypatch, module, zs)
-    ref, times = pipeline_loop(sch, toy_model, noise, nfe)
-    ours, seen = _run_ours(prog, toy_model, noise, zs)
-    assert seen == times
-    assert rel_err(ours, ref) <= 1e-5
+    _assert_matches_noisy(monkeypatch, module, sch, fs.solvers.build(name, spec, 4), 4, seed=11)
 
 
 @pytest.mark.parametrize("kw", [{}, {"num_train_timesteps": 18, "rho": 5.0, "s_noise": 0.5}])

@@ -48,16 +48,22 @@ class Calibrator:
         self.calls = 0
 
     def __enter__(self) -> "Calibrator":
+        # Layers observe with dynamic scales; a static scale tensor they already had is kept aside and gets
+        # the new value in place (finish), or is put back untouched (an error before finish): plans and CUDA
+        # graphs captured earlier read that tensor, so it must never be replaced or freed.
+        self._kept = {name: m.act_scale for name, m in self.layers.items()}
         for name, m in self.layers.items():
-            m.set_act_scale(None)  # observe with dynamic scales
+            m.set_act_scale(None)
             m.observer = self._observer(name)
         for b in self.blocks:
             b.calibrating = True
         return self
 
     def __exit__(self, *exc) -> None:
-        for m in self.layers.values():
+        for name, m in self.layers.items():
             m.observer = None
+            if m.act_scale is None and self._kept.get(name) is not None:
+                m.act_scale = self._kept[name]  # finish() did not run: the old static scale, unchanged
         for b in self.blocks:
             b.calibrating = False
 
@@ -110,5 +116,8 @@ class Calibrator:
             value = max(seen) if combine == "max" else sum(seen) / len(seen)
             if not math.isfinite(value):
                 raise FloatingPointError(f"calibration of {name}: input range {value} is not finite")
+            kept = getattr(self, "_kept", {}).get(name)
+            if m.act_scale is None and kept is not None:
+                m.act_scale = kept  # set_act_scale below copies into it: its address never changes
             m.set_act_scale(max(value, 1e-12) / E4M3_MAX)
         return {k: list(v) for k, v in self.stats.items()}

@@ -100,11 +100,18 @@ class FP8Linear(nn.Module):
         return self.act_scale is not None
 
     def set_act_scale(self, scale: float | None) -> None:
-        """Use a static per-tensor activation scale (None: back to dynamic per-token scales)."""
+        """Use a static per-tensor activation scale (None: back to dynamic per-token scales).
+
+        A layer that already has a static scale keeps its tensor and gets the new value copied in: CUDA graphs
+        and plans built earlier read that tensor's address, so it must never be replaced while they live.
+        """
         if scale is None:
             self.act_scale = None
         elif not scale > 0 or scale != scale or scale == float("inf"):
             raise ValueError(f"activation scale must be a positive finite number, got {scale}")
+        elif self.act_scale is not None and self.act_scale.device == self.weight.device:
+            with torch.no_grad():
+                self.act_scale.fill_(float(scale))
         else:
             self.act_scale = torch.full((1,), float(scale), dtype=torch.float32, device=self.weight.device)
 

@@ -55,3 +55,51 @@ def test_bad_options_and_missing_layers():
         cal.finish()
     with pytest.raises(ValueError, match="combine"):
         cal.finish("median")
+
+
+def test_recalibration_updates_the_same_scale_tensor():
+    # plans and CUDA graphs built earlier read the scale tensor's address: it must never be replaced
+    net = _net()
+    with Calibrator(net, nfe=1) as cal:
+        _run(cal, net, [2.0])
+    cal.finish()
+    scale = net[0].act_scale
+    ptr = scale.data_ptr()
+    with Calibrator(net, nfe=1) as cal:
+        _run(cal, net, [6.0])
+    cal.finish()
+    assert net[0].act_scale is scale and scale.data_ptr() == ptr
+    assert scale.item() == pytest.approx(6.0 / 448)
+
+
+def test_failed_calibration_leaves_the_old_scale():
+    net = _net()
+    net[0].set_act_scale(0.25)
+    scale = net[0].act_scale
+    with pytest.raises(RuntimeError, match="boom"), Calibrator(net, nfe=1) as cal:
+        _run(cal, net, [100.0])
+        raise RuntimeError("boom")
+    assert net[0].act_scale is scale and scale.item() == 0.25 and net[0].observer is None
+
+
+def test_two_shapes_of_an_engine_share_one_unmoving_set_of_scales():
+    diffusers = pytest.importorskip("diffusers")  # noqa: F841
+    import fewstep as fs
+    from fewstep.quant import quantized_layers
+
+    from .test_quantize import tiny_dit
+
+    model = tiny_dit()
+    fn, spec = fs.models.from_diffusers(model)
+    static = {"activation_scales": "static", "calibration_inputs": 1}
+    eng = fs.Engine(fn, spec, solver="euler", nfe=2, quant="fp8-emulated", quant_options=static)
+    y2, y3 = torch.tensor([3, 7]), torch.tensor([1, 2, 3])
+    a = eng(torch.randn(2, 4, 8, 8), class_labels=y2)
+    layers = quantized_layers(model)
+    before = {n: (m.act_scale, m.act_scale.data_ptr(), m.act_scale.item()) for n, m in layers.items()}
+    assert before
+    eng(torch.randn(3, 4, 8, 8), class_labels=y3)  # a second shape: a second plan on the same network
+    for n, m in quantized_layers(model).items():
+        t, ptr, v = before[n]
+        assert m.act_scale is t and m.act_scale.data_ptr() == ptr and m.act_scale.item() == v, n
+    assert a.shape == (2, 4, 8, 8)

@@ -88,3 +88,14 @@ def test_bad_input():
     q = FP8Linear.from_linear(_linear(32, 32), backend="emulated")
     with pytest.raises(ValueError, match="features"):
         q(torch.randn(2, 16, device=DEV))
+
+
+def test_a_new_static_scale_is_copied_into_the_same_tensor():
+    lin = FP8Linear.from_linear(_linear(32, 32, seed=4), backend="emulated")
+    lin.set_act_scale(0.5)
+    t, ptr = lin.act_scale, lin.act_scale.data_ptr()
+    lin.set_act_scale(0.125)
+    assert lin.act_scale is t and t.data_ptr() == ptr and t.item() == 0.125
+    with pytest.raises(ValueError, match="positive finite"):
+        lin.set_act_scale(float("nan"))
+    assert t.item() == 0.125

@@ -57,6 +57,8 @@ class BuildContext:
 
 @dataclass(frozen=True)
 class SolverInfo:
+    """A registered solver: its function, options dataclass and metadata (see :func:`register`)."""
+
     name: str
     fn: Callable[[BuildContext, Any], StepProgram]
     options: type

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .quantize_fp8 import MIN_SCALE, quantize_fp8_ref
-from .triton_support import check_launch, interpreting, row_config, tl, triton
+from .quantize_fp8 import MIN_SCALE, exact_round_needed, quantize_fp8_ref
+from .triton_support import check_launch, row_config, tl, triton
 
 __all__ = ["adaln_quant", "adaln_quant_ref", "adaln_modulate_ref"]
 
@@ -50,9 +50,9 @@ if triton is not None:
         if STATIC:
             s = tl.load(qscale_ptr)
         else:
-            s = tl.maximum(tl.max(tl.abs(tl.where(mask, y, 0.0)), axis=0) / 448.0, min_scale)
+            s = tl.maximum(tl.div_rn(tl.max(tl.abs(tl.where(mask, y, 0.0)), axis=0), 448.0), min_scale)
             tl.store(qscale_ptr + row, s)
-        tl.store(q_ptr + row * D + offs, e4m3(y / s, EXACT_ROUND), mask=mask)
+        tl.store(q_ptr + row * D + offs, e4m3(tl.div_rn(y, s), EXACT_ROUND), mask=mask)
 
 
 def _check(x, shift, scale, act_scale):
@@ -103,7 +103,7 @@ def adaln_quant(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: 
         return q, qscale
     _adaln_quant_kernel[(b * t,)](
         x, shift, scale, q, qscale, t, d, shift.stride(0), float(eps), MIN_SCALE,
-        STATIC=act_scale is not None, EXACT_ROUND=interpreting(), BLOCK_D=launch.block,
+        STATIC=act_scale is not None, EXACT_ROUND=exact_round_needed(x.device), BLOCK_D=launch.block,
         num_warps=launch.num_warps,
     )
     return q, qscale

@@ -39,9 +39,14 @@ __all__ = [
     "has_fp8_tensor_cores",
     "has_tma",
     "ACTIVATIONS",
+    "EPILOGUES",
+    "epilogue_of",
 ]
 
 ACTIVATIONS = (None, "gelu_tanh", "gelu")
+# what a GEMM's epilogue fuses after the scales; launch configs are resolved (and tuned) per epilogue, since a
+# fused epilogue changes the register pressure of a tile (see heuristic_config)
+EPILOGUES = ("plain", "bias", "bias_gelu", "gated")
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -84,10 +89,44 @@ FP8_GEMM_CONFIGS: tuple[Fp8GemmConfig, ...] = (
     Fp8GemmConfig(128, 128, 64, 8, num_warps=4, num_stages=3),
     Fp8GemmConfig(64, 128, 64, 8, num_warps=4, num_stages=4),
 )
+# Large-M preference (indices into FP8_GEMM_CONFIGS) per epilogue.  Evidence: every config compiled ahead of
+# time for sm_90 by Triton 3.9 (bf16 out, per-token scales; `cuobjdump -res-usage`), registers / spilled stack
+# bytes per thread, plain | bias + GELU | gated residual:
+#  persistent 128x256 8 warps 186/0 | 255/1496 | 255/5096; persistent 128x128 8 warps 142/0 | 186/0 | 255/1200
+#  persistent 128x128 4 warps 212/0 | 255/1424 | 255/5152; tiled 128x256 8 warps 194/0 | 255/0 | 255/952
+#  tiled 128x128 4 warps 190/0 | 255/0 | 255/1904; tiled 64x256 4 warps 200/0 | 255/0 | 255/1208
+#  tiled 64x128 4 warps  118/0 | 127/0 | 255/144
+# So GELU takes the persistent 128x128 tile and the gated residual the tiled 64x128 one (the least spill: the
+# residual and gate tiles are loaded in the epilogue); tests/kernels/test_fp8_aot.py re-checks these bounds.
+_LARGE_M_ORDER = {
+    "plain": (0, 2, 8, 4),
+    "bias": (0, 2, 8, 4),
+    "bias_gelu": (1, 2, 8, 4),
+    "gated": (4, 9, 8),
+}
 # Under the interpreter every program is a numpy loop: small tiles keep the tests quick.
 INTERPRETER_CONFIG = Fp8GemmConfig(32, 32, 32, 2, num_warps=4, num_stages=1)
 
 _TUNED: dict[tuple, Fp8GemmConfig] = {}
+
+if triton is not None:
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    # what a candidate config that cannot run on this GPU raises; anything else (a CUDA error, a bad argument)
+    # is a real failure and must not be skipped: a CUDA error left pending breaks every later call
+    _CONFIG_DOES_NOT_FIT: tuple[type[BaseException], ...] = (OutOfResources, CompilationError)
+else:  # pragma: no cover
+    _CONFIG_DOES_NOT_FIT = ()
+
+
+def epilogue_of(activation: str | None, bias: bool, gated: bool) -> str:
+    """The :data:`EPILOGUES` name of a GEMM with this activation, bias and gated residual."""
+    if gated:
+        return "gated"
+    if activation is not None:
+        return "bias_gelu"  # GELU with or without bias: the same register pressure
+    return "bias" if bias else "plain"
 
 
 @functools.cache
@@ -128,17 +167,20 @@ def candidate_configs(device: torch.device | str) -> tuple[Fp8GemmConfig, ...]:
     return tuple(c for c in FP8_GEMM_CONFIGS if (tma or not c.persistent) and c.smem_bytes <= limit)
 
 
-def heuristic_config(m: int, n: int, k: int, device: torch.device | str | None = None) -> Fp8GemmConfig:
+def heuristic_config(m: int, n: int, k: int, device: torch.device | str | None = None, *,
+                     epilogue: str = "plain") -> Fp8GemmConfig:
     """A size heuristic over :data:`FP8_GEMM_CONFIGS` (unmeasured; ``resolve_config(tune=True)`` measures).
 
-    Prefers, by M: small tiles (M <= 64), 64-row tiles (M <= 512), the persistent 128 x 256 tile; the first
-    preference that fits ``device`` (any, when None)."""
+    Prefers, by M: small tiles (M <= 64), 64-row tiles (M <= 512), the persistent 128 x 256 tile (plain and
+    bias epilogues) or a tile that does not spill registers with the fused epilogue (GELU, gated residual);
+    the first preference that fits ``device`` (any, when None)."""
+    _check_epilogue(epilogue)
     if m <= 64:
         order = (7, 9, 4)
     elif m <= 512:
         order = (4, 9, 8)
     else:
-        order = (0, 2, 8, 4)
+        order = _LARGE_M_ORDER[epilogue]
     fits = candidate_configs(device) if device is not None else FP8_GEMM_CONFIGS
     for i in order:
         if FP8_GEMM_CONFIGS[i] in fits:
@@ -147,22 +189,29 @@ def heuristic_config(m: int, n: int, k: int, device: torch.device | str | None =
 
 
 def resolve_config(
-    m: int, n: int, k: int, device: torch.device | str, *, tune: bool = False
+    m: int, n: int, k: int, device: torch.device | str, *, tune: bool = False, epilogue: str = "plain"
 ) -> Fp8GemmConfig:
-    """The launch config for an (M, N, K) GEMM on ``device``: timed over the candidates when ``tune`` (CUDA,
-    cached per shape and GPU), else :func:`heuristic_config`; the interpreter's small tiles on CPU."""
+    """The launch config for an (M, N, K) GEMM with ``epilogue`` (:data:`EPILOGUES`) on ``device``: timed over
+    the candidates with that epilogue when ``tune`` (CUDA, cached per shape, epilogue and GPU), else
+    :func:`heuristic_config`; the interpreter's small tiles on CPU."""
+    _check_epilogue(epilogue)
     device = torch.device(device)
     if device.type != "cuda":
         return INTERPRETER_CONFIG
     if not tune:
-        return heuristic_config(m, n, k, device)
-    key = (m, n, k, torch.cuda.get_device_name(device))
+        return heuristic_config(m, n, k, device, epilogue=epilogue)
+    key = (m, n, k, epilogue, torch.cuda.get_device_name(device))
     if key not in _TUNED:
-        _TUNED[key] = _tune(m, n, k, device)
+        _TUNED[key] = _tune(m, n, k, device, epilogue)
     return _TUNED[key]
 
 
-def _tune(m, n, k, device) -> Fp8GemmConfig:
+def _check_epilogue(epilogue: str) -> None:
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+
+
+def _tune(m, n, k, device, epilogue: str = "plain") -> Fp8GemmConfig:
     from triton.testing import do_bench
 
     a = torch.randn(m, k, device=device).to(torch.float8_e4m3fn)
@@ -170,11 +219,20 @@ def _tune(m, n, k, device) -> Fp8GemmConfig:
     sa = torch.rand(m, 1, device=device) + 0.5
     sw = torch.rand(n, device=device) + 0.5
     out = torch.empty(m, n, dtype=torch.bfloat16, device=device)
+    extra: dict = {}
+    if epilogue != "plain":
+        extra["bias"] = torch.randn(n, device=device, dtype=torch.bfloat16)
+    if epilogue == "bias_gelu":
+        extra["activation"] = "gelu_tanh"
+    if epilogue == "gated":
+        batch = math.gcd(m, 16)
+        extra["residual"] = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+        extra["gate"] = torch.randn(batch, n, device=device, dtype=torch.bfloat16)
     best, best_ms = None, math.inf
     for cfg in candidate_configs(device):
         try:
-            ms = do_bench(lambda c=cfg: fp8_gemm(a, sa, w, sw, config=c, out=out), warmup=5, rep=20)
-        except Exception:  # noqa: BLE001 - a candidate that does not fit (shared memory, registers) is skipped
+            ms = do_bench(lambda c=cfg: fp8_gemm(a, sa, w, sw, config=c, out=out, **extra), warmup=5, rep=20)
+        except _CONFIG_DOES_NOT_FIT:  # too much shared memory or registers for this GPU: not a candidate
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
@@ -358,7 +416,8 @@ def fp8_gemm(
         raise ValueError(f"out: expected a contiguous ({m}, {n}) {out_dtype} tensor on {a.device}")
     if m == 0:
         return out
-    cfg = config or resolve_config(m, n, k, a.device)
+    cfg = config or resolve_config(m, n, k, a.device, epilogue=epilogue_of(activation, bias is not None,
+                                                                         residual is not None))
     flags = dict(
         ROW_SCALE=a_scale.numel() > 1,
         HAS_BIAS=bias is not None,

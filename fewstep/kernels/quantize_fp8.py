@@ -8,7 +8,12 @@ only divides and casts.  The cast rounds to nearest even, as the hardware does (
 Triton's interpreter (CPU tests) rounds fp32 -> fp8 half-up and drops the carry when the mantissa rounds over
 to the next power of two (126.0 -> 64.0 instead of 128.0; triton 3.9, ``interpreter._convert_float``).  Under
 the interpreter :func:`e4m3` therefore snaps the value onto the E4M3 grid in fp32 first (exact
-round-to-nearest-even), so the cast it then does is exact; compiled kernels cast directly.
+round-to-nearest-even), so the cast it then does is exact.  Triton <= 3.6 compiling for sm_89 (Ada) lowers the
+cast through fp16 (fp32 -> fp16 -> e4m3: a double rounding, about 0.4% of values one E4M3 step off); after
+the same snap both steps are exact, so :func:`exact_round_needed` asks for it there too.  Compiled for sm_90,
+or by Triton 3.9 for sm_89, the cast is one ``cvt.rn.satfinite.e4m3x2.f32`` (tests/kernels/test_fp8_aot.py
+checks which Triton does what).  Divisions use ``tl.div_rn`` (IEEE round-to-nearest): a compiled ``/`` is
+``div.full.f32`` (approximate), and the scales and E4M3 bits must equal PyTorch's.
 """
 
 from __future__ import annotations
@@ -19,11 +24,37 @@ from .triton_support import MAX_ROW, check_launch, interpreting, row_config, tl,
 
 # MAX_ROW and interpreting live in triton_support; they stay importable from here
 __all__ = ["quantize_fp8", "quantize_fp8_ref", "E4M3_MAX", "MIN_SCALE", "MAX_ROW", "round_e4m3_ref",
-           "interpreting"]
+           "interpreting", "exact_round_needed", "triton_version"]
 
 E4M3_MAX = 448.0
 # absmax floor: an all-zero row gets a tiny positive scale (and q = 0) instead of 0/0
 MIN_SCALE = 1e-12
+# the first Triton whose sm_89 cast fp32 -> e4m3 is not lowered through fp16 (3.6 does, 3.9 does not; 3.7
+# and 3.8 are treated like 3.6 until checked: the snap only costs a few instructions)
+_DIRECT_E4M3_CAST_SM89 = (3, 9)
+
+
+def triton_version() -> tuple[int, int]:
+    """The installed Triton's (major, minor); (0, 0) without Triton."""
+    if triton is None:
+        return (0, 0)
+    parts = triton.__version__.split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+def exact_round_needed(device: torch.device | str | None = None, *, capability: tuple[int, int] | None = None,
+                       interpreted: bool | None = None) -> bool:
+    """Whether the kernels must snap values onto the E4M3 grid before casting (module docstring): under the
+    interpreter, and on GPUs below sm_90 with a Triton that casts through fp16.  ``capability`` overrides
+    ``device``'s (ahead-of-time compiles)."""
+    if interpreted if interpreted is not None else interpreting():
+        return True
+    if capability is None:
+        dev = torch.device(device) if device is not None else None
+        if dev is None or dev.type != "cuda":
+            return False
+        capability = torch.cuda.get_device_capability(dev)
+    return tuple(capability) < (9, 0) and triton_version() < _DIRECT_E4M3_CAST_SM89
 
 
 if triton is not None:
@@ -61,9 +92,9 @@ if triton is not None:
         if STATIC:
             scale = tl.load(scale_ptr)
         else:
-            scale = tl.maximum(tl.max(tl.abs(x), axis=0) / 448.0, min_scale)
+            scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), axis=0), 448.0), min_scale)
             tl.store(scale_ptr + row, scale)
-        tl.store(q_ptr + row * K + offs, e4m3(x / scale, EXACT_ROUND), mask=mask)
+        tl.store(q_ptr + row * K + offs, e4m3(tl.div_rn(x, scale), EXACT_ROUND), mask=mask)
 
 
 def _check_x(x: torch.Tensor, name: str = "x") -> None:
@@ -106,7 +137,7 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[to
         return q, out_scale
     _quantize_rows_kernel[(m,)](
         x, q, out_scale, k, x.stride(0), MIN_SCALE,
-        STATIC=scale is not None, EXACT_ROUND=interpreting(), BLOCK_K=launch.block,
+        STATIC=scale is not None, EXACT_ROUND=exact_round_needed(x.device), BLOCK_K=launch.block,
         num_warps=launch.num_warps,
     )
     return q, out_scale

@@ -15,7 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.fp8_gemm import ACTIVATIONS, Fp8GemmConfig, fp8_gemm, fp8_gemm_ref, resolve_config
+from ..kernels.fp8_gemm import (
+    ACTIVATIONS,
+    Fp8GemmConfig,
+    epilogue_of,
+    fp8_gemm,
+    fp8_gemm_ref,
+    resolve_config,
+)
 from ..kernels.quantize_fp8 import quantize_fp8, quantize_fp8_ref
 
 __all__ = ["FP8Linear", "FP8Conv1x1", "BACKENDS", "quantize_weight"]
@@ -163,8 +170,9 @@ class FP8Linear(nn.Module):
             )
         cfg = self.configs.get(m)
         if cfg is None:
+            epilogue = epilogue_of(self.activation, self.bias is not None, residual is not None)
             cfg = self.configs[m] = resolve_config(
-                m, self.out_features, self.in_features, q.device, tune=self.tune
+                m, self.out_features, self.in_features, q.device, tune=self.tune, epilogue=epilogue
             )
         return fp8_gemm(
             q,

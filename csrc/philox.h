@@ -30,6 +30,20 @@ FEWSTEP_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
+constexpr uint32_t kPhiloxA = 0xD2511F53u;  // PHILOX_ROUND_A
+constexpr uint32_t kPhiloxB = 0xCD9E8D57u;  // PHILOX_ROUND_B
+constexpr uint32_t kKeyA = 0x9E3779B9u;     // PHILOX_KEY_A
+constexpr uint32_t kKeyB = 0xBB67AE85u;     // PHILOX_KEY_B
+
+// One round of philox_impl on the counter (c0, c1, c2, c3) with key (k0, k1); the caller raises the key.
+FEWSTEP_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
+  const uint32_t a = c0, b = c2;
+  c0 = mulhi32(kPhiloxB, b) ^ c1 ^ k0;
+  c2 = mulhi32(kPhiloxA, a) ^ c3 ^ k1;
+  c1 = kPhiloxB * b;
+  c3 = kPhiloxA * a;
+}
+
 // The first two words of philox_impl(offset_lo, offset_hi, 0, 0, seed_lo, seed_hi) (randint4x's i1, i2).
 FEWSTEP_HD void philox_pair(uint64_t seed, uint64_t offset, uint32_t& out0, uint32_t& out1) {
   uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0, c3 = 0;
@@ -38,13 +52,9 @@ FEWSTEP_HD void philox_pair(uint64_t seed, uint64_t offset, uint32_t& out0, uint
 #pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {
-    const uint32_t a = c0, b = c2;
-    c0 = mulhi32(0xCD9E8D57u, b) ^ c1 ^ k0;
-    c2 = mulhi32(0xD2511F53u, a) ^ c3 ^ k1;
-    c1 = 0xCD9E8D57u * b;
-    c3 = 0xD2511F53u * a;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+    philox_round(c0, c1, c2, c3, k0, k1);
+    k0 += kKeyA;
+    k1 += kKeyB;
   }
   out0 = c0;
   out1 = c1;

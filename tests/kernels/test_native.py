@@ -39,6 +39,7 @@ STRUCTURES = [
     (True, True, True, (0, 1, 2, 3), (0, 3, 1), True, True, 4),   # guided, noise, 4 registers read
     (False, False, True, (1, 0), (0,), True, False, 2),           # last stage: no net_in
     (True, False, True, (2, 0), (2, 0), True, True, 3),           # O_c only with guidance, rows swapped
+    (True, True, True, (0, 1, 2, 3, 4, 5), (5, 0, 1, 2, 3), True, True, 6),  # 9 in, 6 out: generic
 ]
 SHAPES = [(3, 3, 17, 23), (1, 4, 8, 8), (5, 1, 1, 7)]
 

@@ -65,8 +65,9 @@ class Plan:
         config = plan_config(config, options)
         self.program = program
         self.shape = as_shape(shape)
-        self.device = as_device(device, model)
-        self.dtype = as_dtype(config.dtype, model)
+        net = _network(model)  # an adapter's network gives the default device and dtype, as a module would
+        self.device = as_device(device, net)
+        self.dtype = as_dtype(config.dtype, net)
         self.guided = program.guidance_scale is not None
         self.check_finite = config.check_finite
         self.compile_network = config.compile_network
@@ -206,6 +207,17 @@ class Plan:
         cond = {k: (tuple(v.shape), v.dtype) for k, v in self._cond.items()}
         write_plan_file(path, program=self.program, shape=self.shape, cond=cond, config=self.config,
                         quant=q["config"], quant_layers=q["layers"], tensors=q["tensors"])
+
+    def export_onnx(self, path, *, opset: int = 19):
+        """Write the whole sampler as one ONNX file (see :mod:`fewstep.export`): inputs ``noise``, the plan's
+        conditioning keywords (and ``stage_noise`` for stochastic solvers), output ``sample``; returns an
+        :class:`fewstep.export.ExportReport`.  Holds the plan's lock: FP8 layers are swapped for Q/DQ views
+        while the network is traced."""
+        from ..export import export_plan
+
+        with self._lock:
+            return export_plan(self._model, self.program, path, shape=self.shape, dtype=self.dtype,
+                               device=self.device, cond=self._cond, opset=opset, quant=self._quant)
 
     def quant_state(self) -> dict | None:
         """``{"config", "layers", "tensors"}``: the QuantConfig, per FP8 layer its buffer names and resolved
@@ -357,6 +369,40 @@ def _has_triton() -> bool:
     return su.triton is not None
 
 
+def _network(model):
+    """The ``nn.Module`` behind ``model``: itself, or the network an adapter exposes (``.model``, ``.module``,
+    ... as :func:`fewstep.quant.quantize_model.find_network` looks), through ``__wrapped__`` wrappers; else
+    ``model``."""
+    from ..quant.quantize_model import find_network
+
+    fn = model
+    while fn is not None:
+        net = find_network(fn)
+        if net is not None:
+            return net
+        fn = getattr(fn, "__wrapped__", None)
+    return model
+
+
+_COMPILED_PLANS = [0]  # compile_network plans built in this process
+
+
+def _size_recompile_limit() -> None:
+    """Every compile_network plan adds a Dynamo cache entry for the network's code (static shapes): past
+    Dynamo's recompile limit (8 by default) the network of every further plan silently runs uncompiled, so
+    raise the limit to the number of plans, and say so once it is raised."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    _COMPILED_PLANS[0] += 1
+    n, limit = _COMPILED_PLANS[0], getattr(dynamo_config, name)
+    if n > limit:
+        setattr(dynamo_config, name, n)
+        warnings.warn(f"fewstep: {n} compile_network plans in this process exceed "
+                      f"torch._dynamo.config.{name} "
+                      f"({limit}); raised it to {n} so this plan's network stays compiled", stacklevel=5)
+
+
 def _maybe_compile(model, compile_network, device):
     if compile_network is False:
         return model
@@ -364,6 +410,7 @@ def _maybe_compile(model, compile_network, device):
     if device.type != "cuda":
         warnings.warn("compile_network=True is CUDA-only; running the network eagerly on CPU", stacklevel=4)
         return model
+    _size_recompile_limit()
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
 
 

@@ -62,6 +62,9 @@ class GemmResult:
     scaled_mm_us: float | None
     bf16_us: float | None
     config: str
+    # the benchmarked kernel's output against torch._scaled_mm's on the same operands (None without CUDA):
+    # both accumulate the same E4M3 products, so a wrong tile or epilogue shows as a low SQNR
+    sqnr_vs_scaled_mm_db: float | None = None
 
     @property
     def tflops(self) -> float:
@@ -130,9 +133,13 @@ def bench_gemm(m: int, n: int, k: int, device: torch.device, *, tune: bool = Tru
     cfg = resolve_config(m, n, k, device, tune=tune and device.type == "cuda")
     out = torch.empty(m, n, dtype=torch.bfloat16, device=device)
     fp8_ms = median_ms(lambda: fp8_gemm(a, sa, wq, sw, config=cfg, out=out), device)
-    scaled = bf16 = None
+    scaled = bf16 = sqnr = None
     if device.type == "cuda":
         wt, swr = wq.t(), sw.reshape(1, -1)  # column-major B, as _scaled_mm wants
+        expect = torch._scaled_mm(a, wt, scale_a=sa, scale_b=swr, out_dtype=torch.bfloat16,
+                                  use_fast_accum=True)
+        fp8_gemm(a, sa, wq, sw, config=cfg, out=out)
+        sqnr = _sqnr_db(out, expect)
         scaled = median_ms(
             lambda: torch._scaled_mm(
                 a, wt, scale_a=sa, scale_b=swr, out_dtype=torch.bfloat16, use_fast_accum=True
@@ -142,8 +149,17 @@ def bench_gemm(m: int, n: int, k: int, device: torch.device, *, tune: bool = Tru
         bf16 = median_ms(lambda: F.linear(x, w), device)
     us = 1e3  # per ms
     return GemmResult(
-        m, n, k, fp8_ms * us, scaled * us if scaled else None, bf16 * us if bf16 else None, str(cfg)
+        m, n, k, fp8_ms * us, scaled * us if scaled else None, bf16 * us if bf16 else None, str(cfg), sqnr
     )
+
+
+def _sqnr_db(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """SQNR of ``approx`` against ``exact`` in dB (-inf when anything is not finite)."""
+    a, e = approx.double(), exact.double()
+    if not torch.isfinite(a).all():
+        return -math.inf
+    noise = float((a - e).pow(2).mean())
+    return math.inf if noise == 0 else 10 * math.log10(float(e.pow(2).mean()) / noise)
 
 
 def bench_producer(m: int, d: int, n: int, device: torch.device, *, tokens: int = 256) -> ProducerResult:

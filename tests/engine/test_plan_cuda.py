@@ -117,3 +117,30 @@ def test_bf16_graph_plan():
     exact = fs.solvers.run_reference(prog, ref_net, noise.double())
     naive = fs.solvers.run_reference(prog, lambda x, t: ref_net(x, t).bfloat16(), noise, dtype=torch.bfloat16)
     assert _rel(plan(noise), exact) <= 2 * _rel(naive, exact)
+
+
+def test_fp8_static_scales_never_move_under_captured_plans():
+    # two shapes of an Engine on one FP8 network with static scales: the second plan's build must neither
+    # replace nor change the scale tensors the first plan's CUDA graph reads
+    pytest.importorskip("diffusers")
+    from fewstep.kernels.fp8_gemm import has_fp8_tensor_cores
+    from fewstep.quant import quantized_layers
+
+    from ..quant.test_quantize import tiny_dit
+
+    model = tiny_dit().cuda()
+    fn, spec = fs.models.from_diffusers(model)
+    mode = "fp8" if has_fp8_tensor_cores("cuda") else "fp8-emulated"
+    eng = fs.Engine(fn, spec, solver="euler", nfe=2, quant=mode,
+                    quant_options={"activation_scales": "static", "calibration_inputs": 1})
+    y2 = torch.tensor([3, 7], device="cuda")
+    noise = torch.randn(2, 4, 8, 8, device="cuda")
+    first = eng(noise, seed=1, class_labels=y2)
+    scales = {n: (m.act_scale, m.act_scale.data_ptr(), m.act_scale.clone())
+              for n, m in quantized_layers(model).items()}
+    assert scales
+    eng(torch.randn(3, 4, 8, 8, device="cuda"), seed=1, class_labels=torch.tensor([1, 2, 3], device="cuda"))
+    for n, m in quantized_layers(model).items():
+        t, ptr, value = scales[n]
+        assert m.act_scale is t and t.data_ptr() == ptr and torch.equal(t, value), n
+    assert torch.equal(eng(noise, seed=1, class_labels=y2), first)  # the first graph replays the same

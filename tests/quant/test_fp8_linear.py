@@ -39,7 +39,9 @@ def test_triton_backend_matches_emulated():
     emu = FP8Linear.from_linear(lin, backend="emulated", activation="gelu_tanh")
     a, b = tri(x), emu(x)
     assert a.shape == (2, 7, 96)
-    assert sqnr_db(a, b) >= 90.0  # the same quantized numbers; fp32 summation order only
+    # the same quantized numbers: fp32 summation order only on the CPU; on a GPU the FP8 MMA's ~13-bit
+    # accumulator (see tests/kernels/test_fp8_gemm.py, whose simulation gives 60-90 dB on such shapes)
+    assert sqnr_db(a, b) >= (90.0 if DEV == "cpu" else 55.0)
     ref = torch.nn.functional.gelu(lin(x), approximate="tanh").detach()
     assert sqnr_db(a, ref) >= 25.0
     assert tri.configs  # the launch config was resolved on the first call and is kept

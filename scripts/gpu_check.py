@@ -134,27 +134,34 @@ def _check(args) -> int:
     writer.save_manifest()
     print(table)
     print(f"gpu-check: results in {writer.root} ({time.monotonic() - t0:.0f} s)")
-    return 0 if dry or all(s.startswith("ok") for s in statuses.values()) else 1
+    return 0 if dry or not any(s.startswith(("FAILED", "TIMEOUT")) for s in statuses.values()) else 1
 
 
 def install_offline(wheels: Path) -> None:
     """fewstep (editable, no dependencies, no build isolation) and the missing pure-Python dependencies from
     ``wheels``, never from an index."""
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels)]
-    env = dict(os.environ, FEWSTEP_SKIP_CUDA_BUILD=os.environ.get("FEWSTEP_SKIP_CUDA_BUILD", "1"))
     missing = [dist for mod, dist in NEEDED.items() if mod not in ("torch", "triton") and not _has(mod)]
     if missing:
-        if not wheels.is_dir() or not any(wheels.glob("*.whl")):
-            raise CheckError(f"missing {', '.join(missing)} and no wheels in {wheels}: run `make wheels` on "
-                             f"a machine with registry access and bring the folder along")
-        r = subprocess.run(pip + missing, capture_output=True, text=True, timeout=300)
-        if r.returncode:
-            raise CheckError(f"offline install of {missing} from {wheels} failed: {_last_line(r.stderr)}")
-    r = subprocess.run(pip + ["--no-deps", "--no-build-isolation", "-e", str(ROOT)], capture_output=True,
-                       text=True, timeout=300, env=env)
+        pip_install_offline(missing, wheels)
+    env = dict(os.environ, FEWSTEP_SKIP_CUDA_BUILD=os.environ.get("FEWSTEP_SKIP_CUDA_BUILD", "1"))
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                        "--no-build-isolation", "-e", str(ROOT)], capture_output=True, text=True, timeout=300,
+                       env=env)
     if r.returncode:
         raise CheckError(f"pip install -e . failed: {_last_line(r.stderr)}")
     importlib.invalidate_caches()
+
+
+def pip_install_offline(packages: list[str], wheels: Path, extra: tuple[str, ...] = ()) -> None:
+    """``pip install --no-index --find-links wheels packages`` (never an index); a CheckError if it fails."""
+    if not wheels.is_dir() or not any(wheels.glob("*.whl")):
+        raise CheckError(f"missing {', '.join(packages)} and no wheels in {wheels}: run `make wheels` on a "
+                         f"machine with registry access and bring the folder along")
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels), *extra,
+           *packages]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if r.returncode:
+        raise CheckError(f"offline install of {packages} from {wheels} failed: {_last_line(r.stderr)}")
 
 
 def environment(dry: bool) -> dict:

@@ -16,14 +16,19 @@ from typing import Any
 import torch
 
 from .calibrate import CALIBRATION_METHODS, COMBINE
-from .quantize_model import QUANT_MODES, SkipRule
+from .int4_calibrate import INT4_METHODS
+from .quantize_model import INT4_MODES, QUANT_MODES, SkipRule
 
 __all__ = ["QuantConfig", "QUANT_OPTIONS", "quant_config"]
 
 ACTIVATION_SCALES = ("dynamic", "static")
 STRUCTURE = ("skip", "extra_skip", "fuse_qkv", "fuse_blocks", "tune")
-CALIBRATION = ("activation_scales", "calibration_inputs", "method", "percentile", "combine", "seed")
-QUANT_OPTIONS = STRUCTURE + CALIBRATION  # the keys of quant_options= (every field but mode)
+INT4_STRUCTURE = ("group_size", "zero_point")  # quantize()'s keywords for INT4 modes only
+CALIBRATION = ("activation_scales", "calibration_inputs", "method", "percentile", "combine", "seed",
+               "int4_method")
+# fields added after plan files were first written: a file without them reads as these defaults
+_LATER_FIELDS = {"group_size": 128, "zero_point": False, "int4_method": "awq"}
+QUANT_OPTIONS = STRUCTURE + INT4_STRUCTURE + CALIBRATION  # the keys of quant_options= (every field but mode)
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,9 @@ class QuantConfig:
 
     # "fp8": E4M3 weights and activations on FP8 tensor cores (CUDA sm_89+; CPU under TRITON_INTERPRET=1);
     # "fp8-emulated": the same numbers computed with PyTorch ops, on any device.
+    # "int4": group-wise INT4 weights, 16-bit activations (W4A16 Triton GEMM, CUDA sm_80+); "w4a8": INT4
+    # weights with per-token FP8 activations (FP8 tensor cores, sm_89+); "int4-emulated" / "w4a8-emulated":
+    # the same numbers with PyTorch ops, on any device.
     mode: str = "fp8"
     # Activation scales: "dynamic" (per token, computed in the quantize kernel at every call) or "static" (one
     # per layer, calibrated over the plan's own timesteps when the plan is built).
@@ -57,6 +65,13 @@ class QuantConfig:
     fuse_blocks: bool = True
     # Time the FP8 GEMM launch configs on the GPU when the plan is built, instead of the size heuristic.
     tune: bool = False
+    # INT4 modes: input channels per weight scale (64 or 128; 32 and 256 allowed).
+    group_size: int = 128
+    # INT4 modes: asymmetric groups (a 4-bit zero point per group) instead of symmetric ones.
+    zero_point: bool = False
+    # INT4 modes: "awq" (activation-aware scale and clip search on inputs recorded over the plan's own
+    # timesteps, from ``calibration_inputs``) or "rtn" (round to nearest, no calibration run).
+    int4_method: str = "awq"
 
     def __post_init__(self):
         if self.mode not in QUANT_MODES:
@@ -67,6 +82,15 @@ class QuantConfig:
         _one_of("activation_scales", self.activation_scales, ACTIVATION_SCALES)
         _one_of("method", self.method, CALIBRATION_METHODS)
         _one_of("combine", self.combine, COMBINE)
+        _one_of("int4_method", self.int4_method, INT4_METHODS)
+        _one_of("group_size", self.group_size, (32, 64, 128, 256))
+        if not isinstance(self.zero_point, bool):
+            raise ValueError(f"QuantConfig.zero_point must be True or False, got {self.zero_point!r}")
+        if self.mode in INT4_MODES and self.activation_scales != "dynamic":
+            raise ValueError(
+                f"QuantConfig.activation_scales={self.activation_scales!r} is for FP8 activations; quant="
+                f"{self.mode!r} quantizes activations per token (w4a8) or not at all (int4): use 'dynamic'"
+            )
         inputs = self.calibration_inputs
         if isinstance(inputs, list):
             object.__setattr__(self, "calibration_inputs", inputs := tuple(inputs))
@@ -107,7 +131,8 @@ class QuantConfig:
     @property
     def structure(self) -> dict[str, Any]:
         """:func:`fewstep.quant.quantize`'s keywords."""
-        return {k: getattr(self, k) for k in STRUCTURE}
+        keys = STRUCTURE + (INT4_STRUCTURE if self.mode in INT4_MODES else ())
+        return {k: getattr(self, k) for k in keys}
 
     def to_json(self) -> dict:
         """JSON data for a plan file (tensor calibration inputs are recorded by count)."""
@@ -124,6 +149,7 @@ class QuantConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
+        d = {**{k: v for k, v in _LATER_FIELDS.items() if k not in d}, **d}
         missing, unknown = [k for k in names if k not in d], sorted(set(d) - set(names))
         if missing:
             raise ValueError(f"{where}.{missing[0]}: field missing")

@@ -3,6 +3,10 @@
 The state is data: per FP8 layer a JSON entry (which buffers it has, its resolved GEMM launch configs) and
 tensors named ``"<layer>/<buffer>"`` (``weight`` E4M3, ``weight_scale`` fp32, ``bias``, ``act_scale`` when
 static).  Plan files store the JSON in their document and the tensors beside it (safetensors).
+
+INT4 layers' entries also say ``"format": "int4"``; their tensors are ``packed`` (uint8, two codes a byte),
+``scales``, and when present ``zeros``, ``bias`` and ``input_scale`` (AWQ): a plan loads its calibrated INT4
+weights without running the calibration again.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import torch
 
 from ..kernels.fp8_gemm import Fp8GemmConfig
 from .config import QuantConfig
+from .int4_linear import INT4Linear
 from .quantize_model import find_network, quantize, quantized_layers
 
 __all__ = ["export_state", "check_state", "restore_state"]
 
 _BUFFERS = ("weight", "weight_scale", "bias", "act_scale")
+_INT4_BUFFERS = ("packed", "scales", "zeros", "bias", "input_scale")
 _CONFIG_FIELDS = {f.name: f.type for f in dataclasses.fields(Fp8GemmConfig)}
 
 
@@ -36,6 +42,8 @@ def export_state(model) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
             "buffers": sorted(bufs),
             "configs": {str(int(mm)): c.to_dict() for mm, c in sorted(m.configs.items())},
         }
+        if isinstance(m, INT4Linear):
+            layers[name]["format"] = "int4"
         for k, v in bufs.items():
             tensors[f"{name}/{k}"] = v.detach().cpu().contiguous().clone()
     return layers, tensors
@@ -53,7 +61,14 @@ def check_state(layers: Any, tensors: Mapping[str, torch.Tensor], where: str = "
             if key not in entry:
                 raise ValueError(f"{w}.{key}: field missing")
         bufs = entry["buffers"]
-        if not isinstance(bufs, list) or not {"weight", "weight_scale"} <= set(bufs) <= set(_BUFFERS):
+        fmt = entry.get("format", "fp8")
+        if fmt not in ("fp8", "int4"):
+            raise ValueError(f"{w}.format: expected 'int4' or none (FP8), got {fmt!r}")
+        if fmt == "int4":
+            if not isinstance(bufs, list) or not {"packed", "scales"} <= set(bufs) <= set(_INT4_BUFFERS):
+                raise ValueError(f"{w}.buffers: expected packed, scales and optionally {_INT4_BUFFERS[2:]}; "
+                                 f"got {bufs!r}")
+        elif not isinstance(bufs, list) or not {"weight", "weight_scale"} <= set(bufs) <= set(_BUFFERS):
             raise ValueError(
                 f"{w}.buffers: expected weight, weight_scale and optionally bias, act_scale; got {bufs!r}"
             )
@@ -81,6 +96,11 @@ def restore_state(model, config: QuantConfig, layers: dict, tensors: Mapping[str
         )
     new = {}
     for name, m in have.items():  # check every layer before changing any
+        if isinstance(m, INT4Linear) != (layers[name].get("format") == "int4"):
+            raise ValueError(f"{name}: the saved layer and the model's are not the same format (FP8 / INT4)")
+        if isinstance(m, INT4Linear):
+            new[name] = _int4_buffers(name, m, layers[name]["buffers"], tensors)
+            continue
         want = {
             "weight": (tuple(m.weight.shape), torch.float8_e4m3fn),
             "weight_scale": ((m.out_features,), torch.float32),
@@ -107,12 +127,47 @@ def restore_state(model, config: QuantConfig, layers: dict, tensors: Mapping[str
             raise ValueError(f"{name}/act_scale: expected a positive finite scale")
         new[name] = {b: tensors[f"{name}/{b}"].to(m.weight.device) for b in bufs}
     for name, m in have.items():
+        if isinstance(m, INT4Linear):
+            for b in _INT4_BUFFERS:
+                setattr(m, b, new[name].get(b))
+            m.configs = {int(mm): _gemm_config(mm, c, name) for mm, c in layers[name]["configs"].items()}
+            continue
         with torch.no_grad():
             for b in ("weight", "weight_scale", "bias"):
                 if b in new[name]:
                     setattr(m, b, new[name][b])
             m.act_scale = new[name].get("act_scale")
         m.configs = {int(mm): _gemm_config(mm, c, name) for mm, c in layers[name]["configs"].items()}
+
+
+def _int4_buffers(name: str, m: INT4Linear, bufs: list, tensors) -> dict[str, torch.Tensor]:
+    """The saved INT4 buffers of layer ``name``, checked against the model's layer (shapes, dtypes)."""
+    n, k = m.out_features, m.in_features
+    want = {
+        "packed": ((n, k // 2), torch.uint8),
+        "scales": (tuple(m.scales.shape), m.scales.dtype),
+        "zeros": (tuple(m.scales.shape), torch.uint8),
+        "input_scale": ((k,), torch.float32),
+    }
+    if m.bias is not None:
+        want["bias"] = ((n,), m.bias.dtype)
+    for b, present in (("bias", m.bias is not None), ("zeros", m.zeros is not None)):
+        if (b in bufs) != present:
+            raise ValueError(f"{name}: the saved layer {'has' if b in bufs else 'has no'} {b}, the model's "
+                             f"{'has' if present else 'has no'}: same architecture and quant config?")
+    out = {}
+    for b in bufs:
+        t = tensors[f"{name}/{b}"]
+        shape, dtype = want[b]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"{name}/{b}: saved {tuple(t.shape)} {t.dtype} does not fit the model's {shape} "
+                             f"{dtype}")
+        if b == "input_scale" and not bool((t > 0).all() and torch.isfinite(t).all()):
+            raise ValueError(f"{name}/input_scale: expected positive finite factors")
+        if b == "zeros" and t.numel() and int(t.max()) > 15:
+            raise ValueError(f"{name}/zeros: expected 4-bit zero points in [0, 15]")
+        out[b] = t.to(m.packed.device)
+    return out
 
 
 def _gemm_config(m: Any, c: Any, where: str) -> Fp8GemmConfig:

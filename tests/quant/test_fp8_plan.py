@@ -258,7 +258,7 @@ def test_quant_config_is_the_keyword_form():
 
 
 @pytest.mark.parametrize("kw,what", [
-    ({"mode": "int4"}, "unknown quant mode 'int4'; known modes: 'fp8', 'fp8-emulated'"),
+    ({"mode": "int3"}, "unknown quant mode 'int3'; known modes: 'fp8', 'fp8-emulated'"),
     ({"activation_scales": "per-channel"}, "QuantConfig.activation_scales must be one of"),
     ({"calibration_inputs": 0}, "QuantConfig.calibration_inputs must be >= 1"),
     ({"calibration_inputs": [1.0]}, "QuantConfig.calibration_inputs: expected a count >= 1 or"),

@@ -23,7 +23,8 @@ def _stub_wheel(folder: Path, name: str = "fewstep_stub_pkg", version: str = "0.
     info = f"{name}-{version}.dist-info"
     files = {f"{name}/__init__.py": f"VALUE = {version!r}\n",
              f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+             f"{info}/WHEEL": ("Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                 "Tag: py3-none-any\n")}
     record = []
     for path, text in files.items():
         digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()

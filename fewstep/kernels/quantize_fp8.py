@@ -68,7 +68,7 @@ if triton is not None:
             e = ((bits >> 23) & 0xFF) - 127
             e = tl.maximum(e, -6) - 3  # E4M3: 3 mantissa bits, smallest normal exponent -6
             ulp = ((e + 127) << 23).to(tl.float32, bitcast=True)
-            r = x / ulp  # exact (power of two), |r| < 16
+            r = x * ((127 - e) << 23).to(tl.float32, bitcast=True)  # x / ulp, exact (a power of two)
             r = (r + 12582912.0) - 12582912.0  # 1.5 * 2**23: fp32 addition rounds r to the nearest even int
             x = r * ulp
         return x.to(tl.float8e4nv)

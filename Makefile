@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.fewstep-installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ifeq ($(HAS_GPU),1)
-TORCH_SPEC ?= torch>=2.4
+TORCH_SPEC ?= torch>=2.13
 else
 TORCH_SPEC ?= torch==2.13.0
 endif

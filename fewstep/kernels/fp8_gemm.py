@@ -98,6 +98,8 @@ FP8_GEMM_CONFIGS: tuple[Fp8GemmConfig, ...] = (
 #  tiled 64x128 4 warps  118/0 | 127/0 | 255/144
 # So GELU takes the persistent 128x128 tile and the gated residual the tiled 64x128 one (the least spill: the
 # residual and gate tiles are loaded in the epilogue); tests/kernels/test_fp8_aot.py re-checks these bounds.
+# Triton 3.6 (the same check): persistent 128x256 spills 984 B even plain; persistent 128x128 159/0 | 189/0 |
+# 255/1208; tiled 64x128 118/0 | 126/0 | 255/112: below Triton 3.9 plain and bias take the 128x128 tile too.
 _LARGE_M_ORDER = {
     "plain": (0, 2, 8, 4),
     "bias": (0, 2, 8, 4),
@@ -181,6 +183,8 @@ def heuristic_config(m: int, n: int, k: int, device: torch.device | str | None =
         order = (4, 9, 8)
     else:
         order = _LARGE_M_ORDER[epilogue]
+        if order[0] == 0 and _triton_version() < (3, 9):
+            order = _LARGE_M_ORDER["bias_gelu"]
     fits = candidate_configs(device) if device is not None else FP8_GEMM_CONFIGS
     for i in order:
         if FP8_GEMM_CONFIGS[i] in fits:
@@ -204,6 +208,13 @@ def resolve_config(
     if key not in _TUNED:
         _TUNED[key] = _tune(m, n, k, device, epilogue)
     return _TUNED[key]
+
+
+@functools.cache
+def _triton_version() -> tuple[int, int]:
+    from .quantize_fp8 import triton_version
+
+    return triton_version()
 
 
 def _check_epilogue(epilogue: str) -> None:

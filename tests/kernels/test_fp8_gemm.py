@@ -10,6 +10,7 @@ bits in its accumulator (and Triton enables that imprecise accumulation on sm_90
 SQNR of a simulated 13-bit accumulation on the same operands less 6 dB (twice that error), at most 100 dB.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,12 +26,21 @@ from fewstep.kernels.fp8_gemm import (  # noqa: E402
     heuristic_config,
     resolve_config,
 )
-from fewstep.kernels.quantize_fp8 import quantize_fp8_ref  # noqa: E402
+from fewstep.kernels.quantize_fp8 import (
+    quantize_fp8_ref,  # noqa: E402
+    triton_version,  # noqa: E402
+)
 
 from .fp8_util import activations, sqnr_db  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ON_CPU = DEV == "cpu"
+# Triton <= 3.6's interpreter crashes in the FP8 GEMM's loops with numpy >= 2.4 (an interpreter bug fixed in
+# later Triton); `make test-compat` runs these with numpy < 2.4
+_NUMPY = tuple(int(x) for x in np.__version__.split(".")[:2])
+pytestmark = pytest.mark.skipif(DEV == "cpu" and triton_version() <= (3, 6) and _NUMPY >= (2, 4),
+                                reason="Triton <= 3.6's interpreter crashes on the FP8 GEMM loops with numpy "
+                                       ">= 2.4; use numpy < 2.4")
 TILED = INTERPRETER_CONFIG if ON_CPU else None
 PERSISTENT = Fp8GemmConfig(16, 32, 32, 2, num_warps=4, num_stages=1, persistent=True) if ON_CPU else None
 FLOOR = {torch.float32: 100.0, torch.bfloat16: 45.0}
@@ -198,7 +208,10 @@ def test_every_config_at_large_m_on_cuda(index, epilogue):
 
 def test_epilogue_configs():
     # the heuristic's large-M tile per epilogue (fp8_gemm.py records why) and its validation
-    assert heuristic_config(4096, 1152, 1152, epilogue="plain") == FP8_GEMM_CONFIGS[0]
+    from fewstep.kernels.quantize_fp8 import triton_version
+
+    big = FP8_GEMM_CONFIGS[0] if triton_version() >= (3, 9) else FP8_GEMM_CONFIGS[1]  # spills below 3.9
+    assert heuristic_config(4096, 1152, 1152, epilogue="plain") == big
     assert heuristic_config(4096, 1152, 1152, epilogue="gated") == FP8_GEMM_CONFIGS[4]
     assert not heuristic_config(4096, 1152, 1152, epilogue="bias_gelu").block_n == 256
     assert resolve_config(4096, 1152, 1152, "cpu", epilogue="gated") == INTERPRETER_CONFIG

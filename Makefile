@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 endif
 PYTEST_WORKERS ?= 2
 # make gpu-check: the GPU machine's own Python (its torch and Triton are used as they are; nothing is downloaded)
-GPU_PYTHON ?= python3
+GPU_PYTHON ?= $(shell command -v python3 || command -v python)
 GPU_CHECK_ARGS ?=
 # make wheels: fewstep's pure-Python run-time and test dependencies (never torch / triton) for an offline GPU
 # machine whose Python version is unknown; pure wheels once, platform wheels (safetensors, pillow, numpy,

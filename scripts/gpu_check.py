@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check(args) -> int:
     t0 = time.monotonic()
+    for mod in ("torch", "triton"):
+        if not _has(mod):
+            raise CheckError(f"{NEEDED[mod]} is not installed in {sys.executable}: gpu-check uses the "
+                             f"machine's own torch and Triton (make gpu-check GPU_PYTHON=<its python>)")
     import torch
 
     dry = args.dry_run or not torch.cuda.is_available()

@@ -23,15 +23,15 @@ solver is known, the guidance scale is a finite number >= 0.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from . import one_line
 from .checks import device as check_device
 from .checks import guidance_arg, guidance_or_none, positive_int_arg, writable_file
+from .diffusers_dir import decoded_strip
+from .diffusers_dir import load_diffusers_dir as _load_dir
 
-_MODEL_DIRS = ("transformer", "unet")
 _COND_SUFFIXES = (".safetensors", ".npz")
 
 
@@ -148,71 +148,6 @@ def _sample_bundled(args, out: Path, guidance, device) -> int:
     return 0
 
 
-def _read_json(path: Path, what: str) -> dict:
-    """A JSON object from ``path``; errors name the file and what is wrong."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path}: no such file")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{what} {path}: not readable JSON ({one_line(e)})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{what} {path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _from_pretrained(cls, model_dir: Path, device):
-    """``cls.from_pretrained(model_dir)`` from disk and safetensors only; errors name the directory."""
-    try:
-        model = cls.from_pretrained(model_dir, local_files_only=True, use_safetensors=True)
-    except Exception as e:  # a missing, truncated or mismatched weights file: diffusers raises OSError etc.
-        raise ValueError(f"--diffusers: cannot load {cls.__name__} from {model_dir} ({one_line(e)})") from e
-    return model.to(device).eval()
-
-
-def _load_dir(path: Path, scheduler_config: str | None, device):
-    """(network, scheduler config dict, vae or None) from a pipeline or bare model directory, disk only."""
-    import diffusers
-
-    from fewstep.models import SUPPORTED_MODELS
-
-    if not path.is_dir():
-        raise FileNotFoundError(f"--diffusers {path}: no such directory")
-    vae_dir = None
-    if (path / "model_index.json").is_file():
-        sub = next((path / d for d in _MODEL_DIRS if (path / d / "config.json").is_file()), None)
-        if sub is None:
-            raise ValueError(f"--diffusers {path}: no {' or '.join(_MODEL_DIRS)}/config.json")
-        sched_file = path / "scheduler" / "scheduler_config.json"
-        if scheduler_config is None and not sched_file.is_file():
-            raise FileNotFoundError(f"{sched_file} is missing (or pass --scheduler-config)")
-        scheduler_config = scheduler_config or str(sched_file)
-        if (path / "vae" / "config.json").is_file():
-            vae_dir = path / "vae"
-        model_dir = sub
-    else:
-        model_dir = path
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"--diffusers {path}: has neither model_index.json nor config.json")
-        if scheduler_config is None:
-            raise ValueError("a bare model directory needs --scheduler-config JSON")
-    sched = _read_json(Path(scheduler_config), "scheduler config")
-    cls_name = _read_json(model_dir / "config.json", "model config").get("_class_name", "")
-    names = list(SUPPORTED_MODELS)
-    if cls_name not in names:
-        raise ValueError(
-            f"unsupported model class {cls_name!r} in {model_dir}; supported: {', '.join(names)}"
-        )
-    verbosity = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()  # no multi-line loading advice on stderr
-    try:
-        net = _from_pretrained(getattr(diffusers, cls_name), model_dir, device)
-        vae = _from_pretrained(diffusers.AutoencoderKL, vae_dir, device) if vae_dir is not None else None
-    finally:
-        diffusers.utils.logging.set_verbosity(verbosity)
-    return net, sched, vae
-
-
 def _cond_suffix_message(path) -> str:
     return (f"--cond {path}: expected a .safetensors or .npz file of named tensors; other formats (a pickled "
             ".pt included) are not loaded: save them with safetensors.torch.save_file(tensors, path)")
@@ -260,7 +195,6 @@ def _repeat_cond(tensors: dict, batch: int, path, device) -> dict:
 
 
 def _sample_diffusers(args, out: Path, guidance, device) -> int:
-    import numpy as np
     import torch
     from safetensors.torch import save_file
 
@@ -318,16 +252,7 @@ def _sample_diffusers(args, out: Path, guidance, device) -> int:
     lat_path = out.with_suffix(".safetensors")
     save_file({"latents": latents.detach().cpu().contiguous()}, str(lat_path))
     if vae is not None:
-        with torch.no_grad():
-            sf = float(getattr(vae.config, "scaling_factor", 1.0))
-            img = vae.decode(latents.to(vae.dtype) / sf).sample.clamp(-1, 1).float().cpu()
-        tiles = ((img.permute(0, 2, 3, 1).numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
-        save_png(
-            out,
-            np.concatenate(list(tiles), axis=1)
-            if tiles.shape[-1] == 3
-            else np.concatenate(list(tiles[..., 0]), axis=1),
-        )
+        save_png(out, decoded_strip(vae, latents))
         print(f"wrote {out} and {lat_path}", end="")
     else:
         print(f"wrote latents {lat_path} (no vae/ in {args.diffusers}: no PNG)", end="")

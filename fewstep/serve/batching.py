@@ -1,0 +1,131 @@
+"""Merging concurrent requests into the Engine's batch buckets, and splitting the result.  No Ray here.
+
+A replica's ``@serve.batch`` handler gets a list of :class:`Job` (requests already checked, each with its
+noise and its program's Engine) and hands it to :func:`run_jobs` on a worker thread:
+
+* jobs are grouped by Engine (one Engine per (solver, nfe, guidance)), in arrival order;
+* deterministic programs: consecutive jobs of a group are packed into plan calls of at most ``max_batch``
+  rows, padded to the next bucket (:func:`bucket_sizes`: powers of two up to ``max_batch``, so a replica
+  builds few plans), run as one Engine call and split back.  The network treats every row on its own (the
+  guided batch is ``[uncond; cond]`` row by row), so a request's samples do not depend on the other rows:
+  they equal the samples of a plan of the request's own size up to float32 rounding of batched matrix
+  products (measured in tests/serve/test_batching.py);
+* stochastic programs (noise drawn inside the plan, keyed by one seed for the whole batch): each job runs
+  alone, in a plan of exactly its own size with its own seed, so its samples are those of
+  ``fs.compile(..., shape=(len(labels), *sample_shape))(noise, seed=seed, ...)``; merging would tie a
+  request's noise to the other requests of its batch.
+
+A failing plan call fails only the jobs in it: the others of the batch still get their samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .protocol import SampleRequest
+
+__all__ = ["Job", "JobResult", "bucket_sizes", "bucket_for", "job_rows", "run_jobs"]
+
+
+@dataclass
+class Job:
+    """One checked request: its noise ``(n, *sample_shape)`` float32 and labels ``(n,)`` int64 (CPU), and
+    the Engine of its program."""
+
+    request: SampleRequest
+    engine: Any
+    noise: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def rows(self) -> int:
+        return self.noise.shape[0]
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A job's samples (CPU float32) and the plan call it ran in: its rows (the bucket, padding included)
+    and how many requests shared it."""
+
+    samples: torch.Tensor
+    batch_rows: int
+    batch_requests: int
+
+
+def bucket_sizes(max_batch: int) -> tuple[int, ...]:
+    """Plan batch sizes a replica uses: 1, 2, 4, ... below ``max_batch``, and ``max_batch``."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch: expected an int >= 1, got {max_batch!r}")
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, max_batch)
+
+
+def bucket_for(rows: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``rows``."""
+    for b in buckets:
+        if b >= rows:
+            return b
+    raise ValueError(f"{rows} rows exceed the largest bucket {buckets[-1]}")
+
+
+def job_rows(jobs: Sequence[Job]) -> int:
+    """Rows of a list of jobs (``@serve.batch``'s ``batch_size_fn``: a batch holds at most max_batch rows)."""
+    return sum(j.rows for j in jobs)
+
+
+def run_jobs(jobs: Sequence[Job], *, max_batch: int, device: torch.device | str = "cpu"
+             ) -> list[JobResult | Exception]:
+    """Run ``jobs`` (see the module docstring); returns, per job and in order, its result or the exception
+    of the plan call it was in."""
+    buckets = bucket_sizes(max_batch)
+    groups: dict[int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        if job.rows > max_batch:
+            raise ValueError(f"a job of {job.rows} rows exceeds max_batch {max_batch}")
+        groups.setdefault(id(job.engine), []).append(i)
+    results: list[JobResult | Exception | None] = [None] * len(jobs)
+    for idx in groups.values():
+        engine = jobs[idx[0]].engine
+        if engine.program.stochastic:
+            calls = [[i] for i in idx]
+        else:
+            calls, rows = [[]], 0
+            for i in idx:
+                if rows + jobs[i].rows > max_batch:
+                    calls.append([])
+                    rows = 0
+                calls[-1].append(i)
+                rows += jobs[i].rows
+        for call in calls:
+            try:
+                outs = _run_call(engine, [jobs[i] for i in call], buckets, device)
+            except Exception as e:  # noqa: BLE001 - the jobs of this call get it; the others go on
+                outs = [e] * len(call)
+            for i, out in zip(call, outs):
+                results[i] = out
+    return results  # type: ignore[return-value]
+
+
+def _run_call(engine, jobs: list[Job], buckets: Sequence[int], device) -> list[JobResult]:
+    rows = job_rows(jobs)
+    stochastic = engine.program.stochastic
+    size = rows if stochastic else bucket_for(rows, buckets)
+    noise = torch.cat([j.noise for j in jobs])
+    labels = torch.cat([j.labels for j in jobs])
+    if size > rows:  # padding rows: zero noise, label 0; computed and dropped
+        noise = torch.cat([noise, noise.new_zeros((size - rows, *noise.shape[1:]))])
+        labels = torch.cat([labels, labels.new_zeros(size - rows)])
+    seed = jobs[0].request.seed if stochastic else None
+    out = engine(noise.to(device), seed=seed, class_labels=labels.to(device)).to("cpu", torch.float32)
+    results, at = [], 0
+    for j in jobs:
+        results.append(JobResult(out[at:at + j.rows].clone(), size, len(jobs)))
+        at += j.rows
+    return results

@@ -1,11 +1,12 @@
 """fewstep: a low-NFE diffusion inference engine."""
 
 from . import solvers
-from .solvers import ModelSpec, schedules
+from .solvers import ModelSpec, Tuned, load_tuned, schedules, tune
 
 __version__ = "0.1.0"
 __all__ = ["solvers", "schedules", "ModelSpec", "__version__", "compile", "Engine", "Plan", "PlanConfig",
-           "load", "PlanFileError", "CaptureError", "models", "quant", "quantize", "QuantConfig"]
+           "load", "PlanFileError", "CaptureError", "models", "quant", "quantize", "QuantConfig",
+           "tune", "Tuned", "load_tuned"]
 
 _ENGINE = ("compile", "Engine", "Plan", "PlanConfig", "load", "PlanFileError", "CaptureError")
 

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from ..quant.config import QuantConfig, quant_config
-from ..solvers import ModelSpec, build
+from ..solvers import ModelSpec
+from ..solvers.tuning import Tuned, program_for
 from . import quantized
 from ._checks import as_shape
 from .config import PLAN_OPTIONS, PlanConfig, plan_config
@@ -18,12 +19,15 @@ from .planfile import PlanFileError, read_plan_file
 __all__ = ["compile", "load", "split_options"]
 
 
-def compile(model: Model, spec: ModelSpec, *, solver: str, nfe: int, shape: Sequence[int],
+def compile(model: Model, spec: ModelSpec, *, solver: "str | Tuned", nfe: int, shape: Sequence[int],
             device: torch.device | str | None = None, cond: Mapping[str, torch.Tensor] | None = None,
             spacing: Any = None, guidance_scale: float | None = None, config: PlanConfig | None = None,
             quant: str | QuantConfig | None = None, quant_options: Mapping[str, Any] | None = None,
             graph_pool: Any = None, **options: Any) -> Plan:
     """Build solver ``solver`` with ``nfe`` calls for ``model`` and bind it to static buffers of ``shape``.
+
+    solver: a solver name, or a :class:`fewstep.solvers.Tuned` from ``fs.tune`` / ``fs.load_tuned`` (its
+    program is used as it is, after checking that spec, nfe and guidance_scale are the ones it was tuned for).
 
     model: ``model(x, t, **cond) -> raw output`` with ``t`` a ``(x.shape[0],)`` float32 tensor on the device;
     with guidance ``x`` has batch ``2 * shape[0]`` and the model builds ``[uncond; cond]`` from ``cond`` (as
@@ -41,7 +45,7 @@ def compile(model: Model, spec: ModelSpec, *, solver: str, nfe: int, shape: Sequ
     config = plan_config(config, plan_kw)
     quant = quant_config(quant, quant_options)
     shape = as_shape(shape)
-    prog = build(solver, spec, nfe, spacing, guidance_scale=guidance_scale, **options)
+    prog = program_for(solver, spec, nfe, spacing, guidance_scale=guidance_scale, **options)
     check_required_cond(model, cond)  # before quantizing the model in place
     if quant is not None:
         quant = quantized.quantize_for_plan(model, quant, prog, shape=shape, device=device, cond=cond,

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from ..quant.config import QuantConfig, quant_config
-from ..solvers import ModelSpec, build
+from ..solvers import ModelSpec
+from ..solvers.tuning import Tuned, program_for
 from . import quantized
 from .api import split_options
 from .config import PlanConfig, plan_config
@@ -39,8 +40,8 @@ class Engine:
     With quant=..., the network is quantized (and statically calibrated) once, by the first plan.
     """
 
-    def __init__(self, model: Callable[..., torch.Tensor], spec: ModelSpec, *, solver: str, nfe: int,
-                 max_plans: int = 8, spacing: Any = None, guidance_scale: float | None = None,
+    def __init__(self, model: Callable[..., torch.Tensor], spec: ModelSpec, *, solver: "str | Tuned",
+                 nfe: int, max_plans: int = 8, spacing: Any = None, guidance_scale: float | None = None,
                  config: PlanConfig | None = None, quant: str | QuantConfig | None = None,
                  quant_options: dict | None = None, **options: Any):
         if isinstance(max_plans, bool) or not isinstance(max_plans, int) or max_plans < 1:
@@ -51,7 +52,8 @@ class Engine:
         solver_options, plan_kw = split_options(options)
         self.config = plan_config(config, plan_kw)
         self.quant = quant_config(quant, quant_options)  # an unknown mode fails here, not at the first call
-        self.program = build(solver, spec, nfe, spacing, guidance_scale=guidance_scale, **solver_options)
+        self.program = program_for(solver, spec, nfe, spacing, guidance_scale=guidance_scale,
+                                   **solver_options)
         self.model, self.max_plans = model, max_plans
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._building: dict[tuple, threading.Event] = {}

@@ -21,6 +21,7 @@ from .registry import BuildContext, CommonOptions, available, get, register
 from .serialize import program_from_dict, program_to_dict
 from .spacing import SPACINGS, Grid, Spacing, make_grid
 from .spec import ModelSpec
+from .tuning import Tuned, TunedFileError, load_tuned, tune
 
 __all__ = [
     "schedules",
@@ -45,4 +46,8 @@ __all__ = [
     "Spacing",
     "make_grid",
     "ModelSpec",
+    "tune",
+    "Tuned",
+    "TunedFileError",
+    "load_tuned",
 ]

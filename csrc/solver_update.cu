@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kThreads) solver_update_kernel(const Params p)
   const int n_rows = p.n_reg_out + p.has_net_in;
 #pragma unroll
   for (int o = 0; o < kMaxRows; ++o) {
-    if (o < n_rows) {  // (a guard, not a break: the loop unrolls and p.coef[o][i] stay constant offsets)
+    if (o < n_rows) {  // a guard, not a break: the loop then unrolls and p.coef[o][i] are constant offsets
       float acc[kVec];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {

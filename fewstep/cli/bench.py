@@ -35,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also build a compile_network=True plan (minutes); reports its build time")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")
     parser.add_argument("--no-save", action="store_true", help="print only")
-    parser.add_argument("--quant", choices=("fp8",), default=None,
-                        help="benchmark FP8 layers instead (GEMM, fused producer, DiT-XL/2 forward, quality)")
+    parser.add_argument("--quant", choices=("fp8", "int4", "w4a8"), default=None,
+                        help="benchmark FP8 layers instead (GEMM, fused producer, DiT-XL/2 forward, "
+                             "quality); int4 / w4a8: INT4 memory and per-layer quality (no GPU timings yet)")
     parser.add_argument("--fp8-what", default="all",
                         choices=("all", "gemm", "producer", "forward", "quality"),
                         help="with --quant fp8: which part (`quality` also runs on the CPU, emulated)")
@@ -49,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         _check_writable(args.out)  # before minutes of benchmarks, not after
     if args.quant == "fp8":
         return _run_fp8(args, device, save)
+    if args.quant in ("int4", "w4a8"):
+        return _run_int4(args)
     from ..bench import (
         DIT_TINY,
         DIT_XL_2,
@@ -138,3 +141,18 @@ def _check_writable(out: Path) -> None:
         raise ValueError(f"--out {out}: cannot create the results folder ({e.strerror or e})") from e
     if not out.is_dir() or not os.access(out, os.W_OK | os.X_EXECUTE):
         raise ValueError(f"--out {out}: not a writable folder")
+
+
+def _run_int4(args: argparse.Namespace) -> int:
+    """``fewstep bench --quant int4|w4a8``: INT4 memory (DiT-XL/2, SD1.5 UNet) and, unless --dry-run, the
+    W4A16 per-layer SQNR on DiT-XL/2 (round-to-nearest vs AWQ).  The GEMM timings are not implemented."""
+    from ..bench.int4 import dit_layer_sqnr, memory_table
+
+    for r in memory_table():
+        print(f"{r.model:12s} group {r.group_size:3d}: {r.layers} INT4 layers at {r.layer_ratio:.3f}x their "
+              f"bf16 bytes; whole model {r.model_int4_bytes / 2**20:.0f} MiB = {r.model_ratio:.3f}x bf16")
+    if not args.dry_run:
+        for r in dit_layer_sqnr():
+            print(f"{r.layer:40s} {str(r.shape):14s} RTN {r.rtn_db:6.2f} dB  AWQ {r.awq_db:6.2f} dB")
+    print(f"--quant {args.quant}: GPU GEMM timings are not measured by this command yet")
+    return 0

@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from .solver_update import StageUpdate, _check
+from .solver_update import StageUpdate, check_stage_inputs
 
 __all__ = ["available", "load_error", "build_info", "solver_update_native", "NATIVE_API", "SCHEMA",
            "CUDA_MAX_REG_IN", "CUDA_MAX_ROWS"]
@@ -152,7 +152,7 @@ def solver_update_native(upd: StageUpdate, state: torch.Tensor, net_out: torch.T
     Noise is the Triton kernel's Philox stream for the same seed and ``noise_index``.  On CPU the float math
     is the reference's (:func:`~fewstep.kernels.solver_update.solver_update_ref`, term by term in fp32).
     """
-    _check(upd, state, net_out, net_in, seed, z_out)  # the Triton launcher's checks and messages
+    check_stage_inputs(upd, state, net_out, net_in, seed, z_out)  # the Triton launcher's checks and messages
     if upd.n_rows == 0:
         return
     if state.device.type not in _ensure_loaded():

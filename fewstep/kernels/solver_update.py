@@ -30,7 +30,7 @@ import torch
 from .triton_support import LaunchConfig, check_launch, tl, triton
 
 __all__ = ["StageUpdate", "solver_update", "solver_update_ref", "ref_noise", "KernelConfig", "pick_config",
-           "KERNEL_CONFIGS"]
+           "KERNEL_CONFIGS", "check_stage_inputs"]
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,9 @@ if triton is not None:
                 tl.store(net_in_ptr + n + offs, v, mask=mask)
 
 
-def _check(upd: StageUpdate, state, net_out, net_in, seed, z_out) -> int:
+def check_stage_inputs(upd: StageUpdate, state, net_out, net_in, seed, z_out) -> int:
+    """Check one stage's buffers as every solver-update backend needs them; returns ``N`` (a ValueError
+    names the buffer, what was expected and what came)."""
     if not isinstance(state, torch.Tensor) or state.dim() != 2 or state.dtype != torch.float32:
         got = (f"{tuple(state.shape)} {state.dtype}" if isinstance(state, torch.Tensor)
                else type(state).__name__)
@@ -189,6 +191,9 @@ def _check(upd: StageUpdate, state, net_out, net_in, seed, z_out) -> int:
     return n
 
 
+_check = check_stage_inputs  # the name fewstep.kernels.native used first
+
+
 def solver_update(upd: StageUpdate, state: torch.Tensor, net_out: torch.Tensor | None,
                   net_in: torch.Tensor | None, seed: torch.Tensor | None, *,
                   z_out: torch.Tensor | None = None, config: KernelConfig | None = None) -> None:
@@ -200,7 +205,7 @@ def solver_update(upd: StageUpdate, state: torch.Tensor, net_out: torch.Tensor |
     recorded.  Outputs are written in place (static buffers of a plan), nothing is allocated.  CPU tensors run
     under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
     """
-    n = _check(upd, state, net_out, net_in, seed, z_out)
+    n = check_stage_inputs(upd, state, net_out, net_in, seed, z_out)
     if config is not None and not isinstance(config, KernelConfig):
         raise ValueError(f"config: expected a KernelConfig (block, num_warps), got {type(config).__name__}")
     check_launch(state.device, "solver_update")
@@ -239,7 +244,7 @@ def solver_update_ref(upd: StageUpdate, state: torch.Tensor, net_out: torch.Tens
 
     Noise: ``z`` if given (N elements), else :func:`ref_noise` from the seed (reads the seed on the host).
     """
-    n = _check(upd, state, net_out, net_in, seed, z_out)
+    n = check_stage_inputs(upd, state, net_out, net_in, seed, z_out)
     if upd.n_rows == 0:
         return
     cols: list[torch.Tensor] = []

@@ -37,7 +37,7 @@ RUN_COMPAT ?= 0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	FEWSTEP_SKIP_CUDA_BUILD=$(if $(HAS_GPU),0,1) $(BIN)/pip install -q --no-build-isolation -e ".[test,export,serve]"
@@ -94,4 +94,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check fewstep tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info .pytest_cache fewstep/_C*.so

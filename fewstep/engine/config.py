@@ -21,7 +21,7 @@ from ._checks import check_float_dtype
 __all__ = ["PlanConfig", "PLAN_OPTIONS", "plan_config"]
 
 COMPILE_MODES = (False, True, "default", "max-autotune-no-cudagraphs")
-KERNELS = ("auto", "triton", "torch")
+KERNELS = ("auto", "triton", "cuda", "cpp", "torch")
 # dtypes a plan file may name (its network dtype and its conditioning tensors)
 DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
@@ -45,7 +45,12 @@ class PlanConfig:
     # own CUDA graphs: the plan captures one graph around everything).  CUDA only; on CPU it warns and runs
     # the network eagerly.
     compile_network: bool | str = False
-    # Solver-update kernels: "auto" (Triton on CUDA, the PyTorch references on CPU), "triton" or "torch".
+    # Solver-update kernels: "triton" (fewstep.kernels.solver_update), "cuda" / "cpp" (the native op of
+    # fewstep.kernels.native, CUDA / CPU tensors), "torch" (the PyTorch references) or "auto": on CPU "cpp"
+    # when the native extension is loaded, else "torch"; on CUDA the faster of "triton" and "cuda" timed on
+    # the plan's own stages when it is built ("triton" without the native op).  A plan records the backend it
+    # resolved; a plan file loaded where that backend cannot run (not built, or another device type)
+    # re-resolves "auto", with a warning.
     kernels: str = "auto"
     # Keep the noise every stochastic stage drew, for Plan.recorded_noise() (tests; one more write a stage).
     record_noise: bool = False
@@ -106,9 +111,19 @@ class PlanConfig:
             except ValueError as e:
                 raise ValueError(f"{w}: {e}") from None
         try:
-            return cls(**kw)
+            config = cls(**kw)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+        # not a field: dataclasses.replace (a plan's own config) drops it
+        object.__setattr__(config, "_from_plan_file", True)
+        return config
+
+
+def from_plan_file(config: PlanConfig) -> bool:
+    """Whether ``config`` was read from a plan file (:meth:`PlanConfig.from_json`): its ``kernels`` is the
+    backend the saved plan resolved, which a plan built from it re-resolves as "auto" (with a warning) when
+    that backend cannot run there."""
+    return getattr(config, "_from_plan_file", False)
 
 
 PLAN_OPTIONS = tuple(f.name for f in dataclasses.fields(PlanConfig))

@@ -4,7 +4,8 @@ Building a plan allocates every buffer once (fp32 register file, network input i
 time inputs, conditioning, seed), runs the loop eagerly to warm the network and JIT the kernels, and on
 CUDA captures all network calls and all solver updates into one CUDA graph.  A call copies the inputs into
 the static buffers and replays: no host sync, no allocation and no Python per step.  On CPU, or with
-``cuda_graph=False``, the same loop runs eagerly (through the kernels' PyTorch references on CPU).
+``cuda_graph=False``, the same loop runs eagerly (on CPU through the native C++ op, or the kernels' PyTorch
+references without it).
 
 Threads: a plan's buffers are static, so one call at a time may use them.  Each plan holds a lock for the
 whole call (copy-in, replay, copy-out); calls on one plan from many threads are serialized and each gets its
@@ -29,10 +30,11 @@ from typing import Any
 
 import torch
 
+from ..kernels import native
 from ..kernels.solver_update import StageUpdate, pick_config, solver_update, solver_update_ref
 from ..solvers import StepProgram
 from ._checks import as_device, as_dtype, as_shape
-from .config import PlanConfig, plan_config
+from .config import PlanConfig, from_plan_file, plan_config
 from .planfile import write_plan_file
 
 __all__ = ["Plan", "CaptureError", "check_required_cond"]
@@ -71,20 +73,8 @@ class Plan:
         self.guided = program.guidance_scale is not None
         self.check_finite = config.check_finite
         self.compile_network = config.compile_network
-        kernels = config.kernels
-        if kernels == "auto":
-            kernels = "triton" if self.device.type == "cuda" and _has_triton() else "torch"
-        self.kernels = kernels
-        if kernels == "torch" and self.device.type == "cuda" and config.cuda_graph and program.stochastic:
-            raise ValueError("kernels='torch' draws noise on the host and cannot be captured in a CUDA "
-                             "graph; use kernels='triton' or cuda_graph=False")
         n = math.prod(self.shape)
         self.kernel_config = config.kernel_config or pick_config(n)
-        # the recorded launch goes to every kernel call (the references have no launch)
-        self._update = (functools.partial(solver_update, config=self.kernel_config) if kernels == "triton"
-                        else solver_update_ref)
-        # what save() writes: the request, with the dtype and launch this plan resolved
-        self.config = dataclasses.replace(config, dtype=self.dtype, kernel_config=self.kernel_config)
         self._model, self._quant = model, quant
         self._lock = threading.Lock()
         _check_register_reads(program)
@@ -94,6 +84,27 @@ class Plan:
             self._updates.append(StageUpdate.from_stage(st, program.registers, self.guided, noise_index))
             self._stage_calls.append(st.call is not None)
             noise_index += int(st.noise)
+        # kernel_timings: {"triton": ms, "cuda": ms} for one pass of the stages when "auto" timed both
+        resolve = functools.partial(_resolve_kernels, device=self.device, updates=self._updates,
+                                    n_regs=len(program.registers), n=n, g=g, dtype=self.dtype,
+                                    kernel_config=self.kernel_config)
+        try:
+            self.kernels, self.kernel_timings = resolve(config.kernels)
+        except ValueError as e:
+            if not from_plan_file(config):
+                raise
+            # a plan file records the backend its plan ran with; where that one cannot run, choose again
+            warnings.warn(f"the plan file's {e}; re-resolving kernels='auto'", RuntimeWarning, stacklevel=2)
+            self.kernels, self.kernel_timings = resolve("auto")
+        kernels = self.kernels
+        if kernels == "torch" and self.device.type == "cuda" and config.cuda_graph and program.stochastic:
+            raise ValueError("kernels='torch' draws noise on the host and cannot be captured in a CUDA "
+                             "graph; use kernels='triton' or cuda_graph=False")
+        # the recorded launch goes to every Triton call (the references and the native op have no launch)
+        self._update = _update_fn(kernels, self.kernel_config)
+        # what save() writes: the request, with the dtype, backend and launch this plan resolved
+        self.config = dataclasses.replace(config, dtype=self.dtype, kernels=kernels,
+                                          kernel_config=self.kernel_config)
         for k, v in (cond or {}).items():
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"cond[{k!r}] must be a tensor, got {type(v).__name__}")
@@ -188,7 +199,7 @@ class Plan:
         cond = {k: (tuple(v.shape), str(v.dtype)) for k, v in self._cond.items()}
         kc = self.kernel_config
         head = (f"Plan: shape={self.shape} dtype={self.dtype} device={self.device} "
-                f"cuda_graph={self.cuda_graph} kernels={self.kernels} "
+                f"cuda_graph={self.cuda_graph} kernels={self.kernels}{_timings_text(self.kernel_timings)} "
                 f"(block={kc.block}, warps={kc.num_warps}) "
                 f"cond={cond} build={self.build_seconds:.2f}s")
         return head + "\n" + self.program.describe()
@@ -367,6 +378,82 @@ def _has_triton() -> bool:
     from ..kernels import solver_update as su
 
     return su.triton is not None
+
+
+def _update_fn(kernels: str, kernel_config) -> Callable:
+    if kernels == "triton":
+        return functools.partial(solver_update, config=kernel_config)
+    if kernels in ("cpp", "cuda"):
+        return native.solver_update_native
+    return solver_update_ref
+
+
+def _native_fits(updates) -> bool:
+    """Whether every stage is within the native CUDA kernel's register limits."""
+    return all(len(u.reg_in) <= native.CUDA_MAX_REG_IN and u.n_rows <= native.CUDA_MAX_ROWS for u in updates)
+
+
+def _resolve_kernels(kernels: str, *, device: torch.device, updates, n_regs: int, n: int, g: int,
+                     dtype: torch.dtype, kernel_config) -> tuple[str, dict | None]:
+    """The solver-update backend a plan on ``device`` uses for ``kernels`` (and, when "auto" timed the two
+    CUDA backends, their times); a ValueError when an explicit backend cannot run here."""
+    if kernels in ("cpp", "cuda"):
+        want = "cpu" if kernels == "cpp" else "cuda"
+        if device.type != want:
+            raise ValueError(f"kernels={kernels!r} runs the native op on {want} tensors, this plan is on "
+                             f"{device}; use kernels={'cuda' if kernels == 'cpp' else 'cpp'!r} or 'auto'")
+        if not native.available(want):
+            raise ValueError(f"kernels={kernels!r}: the native extension is not available "
+                             f"({native.load_error() or 'fewstep._C was built without CUDA'}); use "
+                             f"kernels='auto'")
+        if kernels == "cuda" and not _native_fits(updates):
+            raise ValueError(f"kernels='cuda': a stage reads more than {native.CUDA_MAX_REG_IN} state rows "
+                             f"or writes more than {native.CUDA_MAX_ROWS} outputs; use kernels='triton'")
+        return kernels, None
+    if kernels == "triton" and not _has_triton():
+        raise ValueError("kernels='triton': triton is not installed; use kernels='auto'")
+    if kernels != "auto":
+        return kernels, None
+    if device.type != "cuda":
+        return ("cpp" if native.available("cpu") else "torch"), None
+    has_native = native.available("cuda") and _native_fits(updates)
+    if not _has_triton():
+        return ("cuda" if has_native else "torch"), None
+    if not has_native:
+        return "triton", None
+    times = _time_cuda_backends(updates, n_regs, n, g, dtype, device, kernel_config)
+    return ("cuda" if times["cuda"] < times["triton"] else "triton"), times
+
+
+def _time_cuda_backends(updates, n_regs: int, n: int, g: int, dtype, device, kernel_config,
+                        reps: int = 5) -> dict[str, float]:
+    """Median milliseconds of one pass of the plan's stages with Triton and with the native CUDA op, on
+    scratch buffers of the plan's sizes (the network output in the model dtype), timed with CUDA events,
+    backends alternated after one warm-up pass each (the Triton JIT)."""
+    fns = {"triton": _update_fn("triton", kernel_config), "cuda": native.solver_update_native}
+    with torch.inference_mode(False), torch.no_grad():
+        state = torch.zeros(n_regs, n, dtype=torch.float32, device=device)
+        net_out = torch.zeros(g * n, dtype=dtype, device=device)
+        net_in = torch.zeros(g * n, dtype=dtype, device=device)
+        seed = torch.zeros(1, dtype=torch.int64, device=device)
+        ms: dict[str, list[float]] = {k: [] for k in fns}
+        for rep in range(reps + 1):
+            for name, fn in fns.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for upd in updates:
+                    fn(upd, state, net_out, net_in, seed)
+                end.record()
+                end.synchronize()
+                if rep:  # the first pass compiles
+                    ms[name].append(start.elapsed_time(end))
+    return {k: sorted(v)[len(v) // 2] for k, v in ms.items()}
+
+
+def _timings_text(times: dict | None) -> str:
+    if not times:
+        return ""
+    return " (auto: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()) + " a pass)"
 
 
 def _network(model):

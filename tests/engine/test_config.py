@@ -20,7 +20,8 @@ from .test_plan import DEV, SHAPE, _noise, as_plan_model
     ({"record_noise": "yes"}, "PlanConfig.record_noise must be True or False"),
     ({"compile_network": "reduce-overhead"}, "PlanConfig.compile_network must be one of"),
     ({"compile_network": 1}, "PlanConfig.compile_network must be one of"),
-    ({"kernels": "cuda"}, r"PlanConfig.kernels must be one of \('auto', 'triton', 'torch'\), got 'cuda'"),
+    ({"kernels": "opencl"},
+     r"PlanConfig.kernels must be one of \('auto', 'triton', 'cuda', 'cpp', 'torch'\), got 'opencl'"),
     ({"kernel_config": (1024, 4)}, "PlanConfig.kernel_config must be a KernelConfig"),
 ])
 def test_invalid_fields_are_named(kw, what):

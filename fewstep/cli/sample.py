@@ -16,6 +16,11 @@ tensors of one image by name (e.g. ``encoder_hidden_states``, ``negative_encoder
 (``numpy.savez``), repeated over ``--batch``.  Both are read as plain data: nothing is unpickled.  The latents
 are written next to the PNG, as ``latents`` in a ``.safetensors`` file.
 
+An exported plan (``fewstep export``): ``fewstep sample --backend onnxruntime FILE [--labels ...] [--cond FILE]
+--out OUT``: the file on onnxruntime, its solver, NFE, guidance and batch fixed inside it (``--solver``,
+``--nfe``, ``--guidance`` do not apply).  A file with ``class_labels`` of 8x8 one-channel samples (the bundled
+digits model) writes a PNG; any other writes its samples as ``latents`` in a ``.safetensors`` file next to OUT.
+
 Every argument is checked before the model is loaded: the output path is writable, the device exists, the
 solver is known, the guidance scale is a finite number >= 0.
 """
@@ -78,6 +83,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--size", type=positive_int_arg, default=None, help="latent height/width (default: the model's)"
     )
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--backend", nargs="+", metavar="NAME", default=["torch"],
+                   help="torch (default: a plan built here), or `onnxruntime FILE`: a file from `fewstep export`")
+    p.add_argument("--tuned", metavar="FILE", default=None,
+                   help="a tuned solver written by `fewstep tune` (bundled model): its solver, NFE, grid and "
+                        "guidance replace --solver / --nfe / --spacing / --guidance")
 
 
 def _labels(text: str | None, default: list[int]) -> list[int]:
@@ -100,6 +110,11 @@ def run(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     out = writable_file(args.out, "--out", suffixes=(".png",))
     guidance = guidance_or_none(args.guidance)
+    if args.backend != ["torch"]:
+        return _sample_onnx(args, out)
+    if args.tuned is not None and args.diffusers is not None:
+        raise ValueError("--tuned applies to the bundled digits model (a tuned file for a diffusers model: "
+                         "fs.compile(..., solver=fs.load_tuned(FILE)))")
     if args.diffusers is None:
         given = [f"--{k.replace('_', '-')}" for k in ("scheduler_config", "cond", "batch", "size")
                  if getattr(args, k) is not None]
@@ -122,17 +137,23 @@ def _sample_bundled(args, out: Path, guidance, device) -> int:
     from fewstep.models import digits
 
     labels = digits.check_class_labels(_labels(args.labels, list(range(10))), allow_null=False)
-    # the program alone first (milliseconds): an NFE or spacing the solver cannot do fails before the weights
-    fs.solvers.build(args.solver, digits.digits_spec(), args.nfe, args.spacing, guidance_scale=guidance)
+    solver, spacing = args.solver, args.spacing
+    if args.tuned is not None:  # a file for another model or a malformed one fails here, before the weights
+        solver = fs.load_tuned(args.tuned, spec=digits.digits_spec())
+        args.nfe, spacing, guidance = solver.nfe, None, solver.program.guidance_scale
+    else:
+        # the program alone first (milliseconds): an NFE or spacing the solver cannot do fails before the
+        # weights
+        fs.solvers.build(args.solver, digits.digits_spec(), args.nfe, args.spacing, guidance_scale=guidance)
     dit, _ = digits.load_digits_dit()
     model, spec = fs.models.from_diffusers(dit.to(device), digits.digits_scheduler_config())
     t0 = time.perf_counter()
     plan = fs.compile(
         model,
         spec,
-        solver=args.solver,
+        solver=solver,
         nfe=args.nfe,
-        spacing=args.spacing,
+        spacing=spacing,
         shape=(len(labels), *digits.SAMPLE_SHAPE),
         guidance_scale=guidance,
         device=device,
@@ -142,7 +163,8 @@ def _sample_bundled(args, out: Path, guidance, device) -> int:
     x = plan(noise.to(device), class_labels=labels.to(device), seed=args.seed).clamp(-1, 1).cpu()
     save_png(out, image_grid(x[:, 0].numpy(), rows=1, scale=4))
     print(
-        f"wrote {out}: digits {labels.tolist()} ({args.solver}, NFE {args.nfe}, guidance "
+        f"wrote {out}: digits {labels.tolist()} ({args.solver if args.tuned is None else args.tuned}, "
+        f"NFE {args.nfe}, guidance "
         f"{guidance or 0:g}, {time.perf_counter() - t0:.2f} s including the plan build)"
     )
     return 0
@@ -258,4 +280,55 @@ def _sample_diffusers(args, out: Path, guidance, device) -> int:
         print(f"wrote latents {lat_path} (no vae/ in {args.diffusers}: no PNG)", end="")
     seconds = time.perf_counter() - t0
     print(f" ({cls}, {args.solver}, NFE {args.nfe}, {seconds:.2f} s including the plan build)")
+    return 0
+
+
+def _sample_onnx(args, out: Path) -> int:
+    """``--backend onnxruntime FILE``: sample with an exported plan (its inputs checked by fs.load_onnx)."""
+    import torch
+
+    import fewstep as fs
+    from fewstep.cli.images import image_grid, save_png
+
+    if len(args.backend) != 2 or args.backend[0] != "onnxruntime":
+        raise ValueError(f"--backend: expected `torch` or `onnxruntime FILE`, got {' '.join(args.backend)!r}")
+    given = [f"--{k.replace('_', '-')}" for k in ("diffusers", "scheduler_config", "batch", "size", "spacing",
+                                                   "tuned") if getattr(args, k, None) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} do not apply to --backend onnxruntime: the exported file fixes the "
+                         f"model, shapes and solver")
+    path = Path(args.backend[1])
+    t0 = time.perf_counter()
+    ort_plan = fs.load_onnx(path)
+    batch = ort_plan.shape[0]
+    cond = {}
+    if "class_labels" in ort_plan.cond:
+        labels = _labels(args.labels, [i % 10 for i in range(batch)])
+        if len(labels) != batch:
+            raise ValueError(f"--labels: {path} was exported for batch {batch}, got {len(labels)} labels")
+        cond["class_labels"] = torch.tensor(labels, dtype=ort_plan.cond["class_labels"][1])
+    elif args.labels is not None:
+        raise ValueError(f"--labels: {path} has no class_labels input (its inputs: {sorted(ort_plan.cond)})")
+    if args.cond is not None:
+        if Path(args.cond).suffix.lower() not in _COND_SUFFIXES:
+            raise ValueError(_cond_suffix_message(args.cond))
+        cond.update(_repeat_cond(_load_cond(Path(args.cond)), batch, args.cond, torch.device("cpu")))
+    digits = "class_labels" in ort_plan.cond and tuple(ort_plan.shape[1:]) == (1, 8, 8)
+    lat_path = out.with_suffix(".safetensors")
+    if not digits:
+        writable_file(lat_path, "--out (latents)")
+    noise = torch.randn(ort_plan.shape, generator=torch.Generator().manual_seed(args.seed))
+    x = ort_plan(noise, seed=args.seed, **cond) if ort_plan.stochastic else ort_plan(noise, **cond)
+    info = ort_plan.info
+    what = f"{info.get('solver')}, NFE {info.get('nfe')}, guidance {info.get('guidance_scale') or 0:g}"
+    seconds = time.perf_counter() - t0
+    if digits:
+        save_png(out, image_grid(x.clamp(-1, 1)[:, 0].numpy(), rows=1, scale=4))
+        print(f"wrote {out}: labels {cond['class_labels'].tolist()} from {path} on onnxruntime ({what}, "
+              f"{seconds:.2f} s including the session)")
+        return 0
+    from safetensors.torch import save_file
+
+    save_file({"latents": x.contiguous()}, str(lat_path))
+    print(f"wrote latents {lat_path} from {path} on onnxruntime ({what}, {seconds:.2f} s including the session)")
     return 0

@@ -6,7 +6,7 @@ from .solvers import ModelSpec, Tuned, load_tuned, schedules, tune
 __version__ = "0.1.0"
 __all__ = ["solvers", "schedules", "ModelSpec", "__version__", "compile", "Engine", "Plan", "PlanConfig",
            "load", "PlanFileError", "CaptureError", "models", "quant", "quantize", "QuantConfig",
-           "tune", "Tuned", "load_tuned"]
+           "load_onnx", "load_trt", "tune", "Tuned", "load_tuned"]
 
 _ENGINE = ("compile", "Engine", "Plan", "PlanConfig", "load", "PlanFileError", "CaptureError")
 
@@ -22,6 +22,10 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
+    if name in ("load_onnx", "load_trt"):  # onnx / onnxruntime / tensorrt are imported when called
+        from . import export
+
+        return getattr(export, name)
     if name in ("quantize", "QuantConfig"):
         from . import quant
 

@@ -35,6 +35,7 @@ SUBCOMMANDS = {
     "accuracy": ("fewstep.cli.accuracy", "RMS error of every deterministic solver vs an exact ODE oracle"),
     "tune": ("fewstep.cli.tune", "fit a solver's grid to the bundled digits model and write it as JSON"),
     "solvers": ("fewstep.cli.solvers", "list the registered solvers, their options, diffusers equivalents"),
+    "export": ("fewstep.cli.export", "the whole sampler as one ONNX file (onnxruntime; --trt: TensorRT)"),
 }
 
 

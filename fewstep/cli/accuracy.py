@@ -35,6 +35,7 @@ __all__ = ["NFES", "Row", "Table", "accuracy_table", "default_spec", "diffusers_
 
 NFES = (4, 5, 6, 8, 10, 15, 20)
 SCHEDULES = ("vp", "flow", "edm")
+TUNE_SEED = 1_000_003  # calibration noise of the tuned rows (the table's noise uses seed + 1)
 
 
 @dataclass
@@ -428,6 +429,56 @@ def _str_list(s: str) -> list[str]:
     return [v.strip() for v in s.split(",") if v.strip()]
 
 
+def tuned_rows(table: Table, *, samples: int = 128, progress: Callable[[str], None] | None = None
+               ) -> dict[str, dict[int, float | None]]:
+    """Per solver of ``table``: the error of ``fs.tune``'s grid (method "timesteps", fitted on ``samples``
+    other noises, seed TUNE_SEED) on the table's own noise, per NFE (None: the solver cannot do that NFE)."""
+    spec, gmm = table.spec, table.gmm
+
+    def model(x, t, **cond):
+        return gmm.output(x.double(), point_of_time(spec, float(t[0])), spec.prediction).to(x.dtype)
+
+    calib = torch.randn(samples, gmm.dim, generator=torch.Generator().manual_seed(TUNE_SEED))
+    out: dict[str, dict[int, float | None]] = {}
+    cache: dict = {}
+    for row in table.rows:
+        errs: dict[int, float | None] = {}
+        for n in table.nfes:
+            if row.errors.get(n) is None or n < 2:
+                errs[n] = None
+                continue
+            try:
+                tu = S.tune(model, spec, solver=row.solver, nfe=n, noise=calib, method="timesteps",
+                            spacing=row.spacing, verbose=False)
+            except ValueError:
+                errs[n] = None
+                continue
+            errs[n] = program_error(gmm, tu.program, table.noise, cache)
+        out[row.solver] = errs
+        if progress:
+            progress(f"tuned {row.solver}: " + " ".join(_cell(e) for e in errs.values()))
+    return out
+
+
+def format_tuned(table: Table, tuned: dict[str, dict[int, float | None]], markdown: bool = False) -> str:
+    """The tuned rows beside each solver's best fixed spacing (same noise, same oracle)."""
+    if markdown:
+        lines = ["| solver | grid | " + " | ".join(f"NFE {n}" for n in table.nfes) + " |",
+                 "|---|---|" + "---|" * len(table.nfes)]
+        for r in table.rows:
+            for name, cells in ((r.spacing, r.errors), ("tuned", tuned.get(r.solver, {}))):
+                lines.append(f"| {r.solver} | {name} | " + " | ".join(_cell(cells.get(n)) for n in table.nfes)
+                             + " |")
+        return "\n".join(lines)
+    w = max(len(r.solver) for r in table.rows)
+    lines = [f"{'solver':{w}s}  {'grid':11s} " + " ".join(f"{'nfe=' + str(n):>9s}" for n in table.nfes)]
+    for r in table.rows:
+        for name, cells in ((r.spacing, r.errors), ("tuned", tuned.get(r.solver, {}))):
+            lines.append(f"{r.solver:{w}s}  {name:11s} " + " ".join(f"{_cell(cells.get(n)):>9s}"
+                                                                    for n in table.nfes))
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", choices=SCHEDULES, default="vp",
                         help="vp: SD-like scaled_linear epsilon; flow: SD3-like shift 3; edm: Karras et al.")
@@ -441,6 +492,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="accuracy.png", help="PNG plot path (default accuracy.png)")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="also write a markdown table")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--tuned", action="store_true",
+                        help="also a tuned row per solver: fs.tune's grid, fitted on other noise")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -458,12 +511,17 @@ def run(args: argparse.Namespace) -> int:
                            spacings=args.spacings, samples=args.samples, dim=args.dim, seed=args.seed,
                            compare_diffusers=not args.no_diffusers, progress=progress)
     print(format_text(table))
+    tuned = tuned_rows(table, progress=progress) if args.tuned else None
+    if tuned is not None:
+        print("\n" + format_tuned(table, tuned))
     save_plot(table, args.out)
     print(f"\nplot: {args.out}" + (f"; markdown: {args.markdown}" if args.markdown else "")
           + f" ({table.seconds:.1f}s)")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(format_markdown(table))
+            if tuned is not None:
+                f.write("\n" + format_tuned(table, tuned, markdown=True) + "\n")
     return 0
 
 

@@ -16,10 +16,11 @@ tensors of one image by name (e.g. ``encoder_hidden_states``, ``negative_encoder
 (``numpy.savez``), repeated over ``--batch``.  Both are read as plain data: nothing is unpickled.  The latents
 are written next to the PNG, as ``latents`` in a ``.safetensors`` file.
 
-An exported plan (``fewstep export``): ``fewstep sample --backend onnxruntime FILE [--labels ...] [--cond FILE]
---out OUT``: the file on onnxruntime, its solver, NFE, guidance and batch fixed inside it (``--solver``,
-``--nfe``, ``--guidance`` do not apply).  A file with ``class_labels`` of 8x8 one-channel samples (the bundled
-digits model) writes a PNG; any other writes its samples as ``latents`` in a ``.safetensors`` file next to OUT.
+An exported plan (``fewstep export``): ``fewstep sample --backend onnxruntime FILE [--labels ...]
+[--cond FILE] --out OUT``: the file on onnxruntime, its solver, NFE, guidance and batch fixed inside it
+(``--solver``, ``--nfe``, ``--guidance`` do not apply).  A file with ``class_labels`` of 8x8 one-channel
+samples (the bundled digits model) writes a PNG; any other writes its samples as ``latents`` in a
+``.safetensors`` file next to OUT.
 
 Every argument is checked before the model is loaded: the output path is writable, the device exists, the
 solver is known, the guidance scale is a finite number >= 0.
@@ -84,7 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--backend", nargs="+", metavar="NAME", default=["torch"],
-                   help="torch (default: a plan built here), or `onnxruntime FILE`: a file from `fewstep export`")
+                   help="torch (default: a plan built here), or `onnxruntime FILE`: a file from "
+                        "`fewstep export`")
     p.add_argument("--tuned", metavar="FILE", default=None,
                    help="a tuned solver written by `fewstep tune` (bundled model): its solver, NFE, grid and "
                         "guidance replace --solver / --nfe / --spacing / --guidance")
@@ -295,8 +297,8 @@ def _sample_onnx(args, out: Path) -> int:
     given = [f"--{k.replace('_', '-')}" for k in ("diffusers", "scheduler_config", "batch", "size", "spacing",
                                                    "tuned") if getattr(args, k, None) is not None]
     if given:
-        raise ValueError(f"{', '.join(given)} do not apply to --backend onnxruntime: the exported file fixes the "
-                         f"model, shapes and solver")
+        raise ValueError(f"{', '.join(given)} do not apply to --backend onnxruntime: the exported file fixes "
+                         f"the model, shapes and solver")
     path = Path(args.backend[1])
     t0 = time.perf_counter()
     ort_plan = fs.load_onnx(path)
@@ -330,5 +332,6 @@ def _sample_onnx(args, out: Path) -> int:
     from safetensors.torch import save_file
 
     save_file({"latents": x.contiguous()}, str(lat_path))
-    print(f"wrote latents {lat_path} from {path} on onnxruntime ({what}, {seconds:.2f} s including the session)")
+    print(f"wrote latents {lat_path} from {path} on onnxruntime ({what}, {seconds:.2f} s including the "
+          f"session)")
     return 0

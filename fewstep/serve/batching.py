@@ -4,12 +4,12 @@ A replica's ``@serve.batch`` handler gets a list of :class:`Job` (requests alrea
 noise and its program's Engine) and hands it to :func:`run_jobs` on a worker thread:
 
 * jobs are grouped by Engine (one Engine per (solver, nfe, guidance)), in arrival order;
-* deterministic programs: consecutive jobs of a group are packed into plan calls of at most ``max_batch``
-  rows, padded to the next bucket (:func:`bucket_sizes`: powers of two up to ``max_batch``, so a replica
-  builds few plans), run as one Engine call and split back.  The network treats every row on its own (the
-  guided batch is ``[uncond; cond]`` row by row), so a request's samples do not depend on the other rows:
-  they equal the samples of a plan of the request's own size up to float32 rounding of batched matrix
-  products (measured in tests/serve/test_batching.py);
+* deterministic programs: the jobs of a group are packed (first-fit decreasing) into plan calls of at most
+  ``max_batch`` rows, each padded to the next bucket (:func:`bucket_sizes`: powers of two up to
+  ``max_batch``, so a replica builds few plans), each run as one Engine call and split back.  The network
+  treats every row on its own (the guided batch is ``[uncond; cond]`` row by row), so a request's samples do
+  not depend on the other rows: they equal the samples of a plan of the request's own size up to float32
+  rounding of batched matrix products (measured in tests/serve/test_batching.py);
 * stochastic programs (noise drawn inside the plan, keyed by one seed for the whole batch): each job runs
   alone, in a plan of exactly its own size with its own seed, so its samples are those of
   ``fs.compile(..., shape=(len(labels), *sample_shape))(noise, seed=seed, ...)``; merging would tie a
@@ -28,7 +28,7 @@ import torch
 
 from .protocol import SampleRequest
 
-__all__ = ["Job", "JobResult", "bucket_sizes", "bucket_for", "job_rows", "run_jobs"]
+__all__ = ["Job", "JobResult", "bucket_sizes", "bucket_for", "job_rows", "pack", "run_jobs"]
 
 
 @dataclass
@@ -96,13 +96,7 @@ def run_jobs(jobs: Sequence[Job], *, max_batch: int, device: torch.device | str 
         if engine.program.stochastic:
             calls = [[i] for i in idx]
         else:
-            calls, rows = [[]], 0
-            for i in idx:
-                if rows + jobs[i].rows > max_batch:
-                    calls.append([])
-                    rows = 0
-                calls[-1].append(i)
-                rows += jobs[i].rows
+            calls = pack(idx, [j.rows for j in jobs], max_batch)
         for call in calls:
             try:
                 outs = _run_call(engine, [jobs[i] for i in call], buckets, device)
@@ -111,6 +105,22 @@ def run_jobs(jobs: Sequence[Job], *, max_batch: int, device: torch.device | str 
             for i, out in zip(call, outs):
                 results[i] = out
     return results  # type: ignore[return-value]
+
+
+def pack(items: Sequence[int], rows: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: ``items`` (indices into ``rows``) into as few bins of at most ``capacity`` rows
+    as it finds, the largest first (ties in arrival order).  Each bin is one plan call."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(items, key=lambda i: -rows[i]):
+        k = next((k for k, r in enumerate(room) if r >= rows[i]), None)
+        if k is None:
+            bins.append([])
+            room.append(capacity)
+            k = len(bins) - 1
+        bins[k].append(i)
+        room[k] -= rows[i]
+    return bins
 
 
 def _run_call(engine, jobs: list[Job], buckets: Sequence[int], device) -> list[JobResult]:

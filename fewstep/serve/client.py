@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -67,9 +67,11 @@ def post_sample(base_url: str, payload: dict | bytes, *, timeout: float = 60.0) 
 
 
 def run_load(base_url: str, payloads: Sequence[dict], *, clients: int, timeout: float = 60.0,
-             deadline_s: float = 600.0) -> list[Reply | None]:
+             deadline_s: float = 600.0, on_reply: Callable[[int, Reply], None] | None = None
+             ) -> list[Reply | None]:
     """Send ``payloads`` from ``clients`` threads, each request with ``timeout``; a request not sent within
-    ``deadline_s`` of the start is skipped (None in its place).  Returns the replies in payload order."""
+    ``deadline_s`` of the start is skipped (None in its place).  Returns the replies in payload order;
+    ``on_reply(i, reply)`` is called (from a client thread) as each one arrives."""
     replies: list[Reply | None] = [None] * len(payloads)
     t_end = time.monotonic() + deadline_s
     next_i, lock = [0], threading.Lock()
@@ -82,6 +84,8 @@ def run_load(base_url: str, payloads: Sequence[dict], *, clients: int, timeout: 
             if i >= len(payloads) or time.monotonic() > t_end:
                 return
             replies[i] = post_sample(base_url, payloads[i], timeout=timeout)
+            if on_reply is not None:
+                on_reply(i, replies[i])
 
     with ThreadPoolExecutor(clients) as ex:
         for f in [ex.submit(worker) for _ in range(clients)]:

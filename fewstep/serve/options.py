@@ -47,6 +47,10 @@ class ServeOptions:
     # Most rows (labels) in one plan call, and so in one request: concurrent requests are merged up to this
     # many rows and padded to a bucket (powers of two up to it).
     max_batch: int = 8
+    # Plan calls one batch of waiting requests may fill: a replica takes up to max_batch * batch_calls rows of
+    # waiting requests at once and packs them into calls of max_batch rows (first-fit decreasing), so
+    # requests of mixed sizes share calls; the batch is answered when its last call is done.
+    batch_calls: int = 2
     # How long a replica waits for more requests to merge after the first one of a batch arrives.
     batch_wait_ms: float = 5.0
     # Largest nfe a request may ask for.
@@ -75,8 +79,8 @@ class ServeOptions:
         if self.scheduler_config is not None and self.diffusers is None:
             raise ValueError("ServeOptions.scheduler_config applies only with a diffusers directory")
         _str("solver", self.solver)
-        for name, lo in (("nfe", 1), ("replicas", 1), ("max_batch", 1), ("max_nfe", 1), ("max_engines", 1),
-                         ("max_ongoing", 1), ("max_queued", 1)):
+        for name, lo in (("nfe", 1), ("replicas", 1), ("max_batch", 1), ("batch_calls", 1), ("max_nfe", 1),
+                         ("max_engines", 1), ("max_ongoing", 1), ("max_queued", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"ServeOptions.{name}: expected an int >= {lo}, got {v!r}")

@@ -16,7 +16,7 @@ import torch
 
 import fewstep as fs
 from fewstep.serve import ServeOptions
-from fewstep.serve.batching import Job, bucket_for, bucket_sizes, run_jobs
+from fewstep.serve.batching import Job, bucket_for, bucket_sizes, pack, run_jobs
 from fewstep.serve.models import EngineCache, load_served_model
 from fewstep.serve.protocol import SampleRequest, request_noise
 
@@ -60,6 +60,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+def test_pack_first_fit_decreasing():
+    rows = [1, 3, 2, 2, 5, 1, 8, 4, 4]
+    bins = pack(range(len(rows)), rows, 8)
+    assert bins == [[6], [4, 1], [7, 8], [2, 3, 0, 5]]
+    assert pack([], rows, 8) == []
+    assert pack([0, 5], rows, 1) == [[0], [5]]
+
+
 def test_buckets():
     assert bucket_sizes(1) == (1,)
     assert bucket_sizes(8) == (1, 2, 4, 8)
@@ -78,8 +86,8 @@ def test_merged_requests_equal_their_own_plans(served, engines):
     jobs = [job(eng, torch.randint(0, 10, (n,), generator=gen).tolist(), seed=100 + i)
             for i, n in enumerate(rows)]
     out = run_jobs(jobs, max_batch=8)
-    # packed in arrival order: 1+3+2+2 = 8 rows in one call, then 5+1 = 6 rows padded to the 8 bucket
-    assert [(r.batch_rows, r.batch_requests) for r in out] == [(8, 4)] * 4 + [(8, 2)] * 2
+    # first-fit decreasing: 5+3 = 8 rows in one call, 2+2+1+1 = 6 rows padded to the 8 bucket in another
+    assert [(r.batch_rows, r.batch_requests) for r in out] == [(8, 4), (8, 2), (8, 4), (8, 4), (8, 2), (8, 4)]
     for j, r in zip(jobs, out):
         want = alone(served, j)
         assert r.samples.shape == want.shape and torch.isfinite(r.samples).all()

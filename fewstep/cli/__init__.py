@@ -36,6 +36,7 @@ SUBCOMMANDS = {
     "tune": ("fewstep.cli.tune", "fit a solver's grid to the bundled digits model and write it as JSON"),
     "solvers": ("fewstep.cli.solvers", "list the registered solvers, their options, diffusers equivalents"),
     "export": ("fewstep.cli.export", "the whole sampler as one ONNX file (onnxruntime; --trt: TensorRT)"),
+    "serve": ("fewstep.cli.serve", "serve a model over HTTP on Ray Serve, merging requests into batches"),
 }
 
 

@@ -142,6 +142,15 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(yaml.safe_dump(serve_config(options, host=args.host, port=args.port),
                                         sort_keys=False))
         return 0
+    if options.device == "cuda":  # a replica asks Ray for one GPU: without them it would never start
+        import torch
+
+        from .checks import device as check_device
+
+        check_device("cuda")
+        if torch.cuda.device_count() < options.replicas:
+            raise ValueError(f"--replicas {options.replicas}: each CUDA replica takes one GPU; this machine "
+                             f"has {torch.cuda.device_count()}")
     _check_port_free(args.host, args.port)
     return _serve(options, args.host, args.port, args.num_cpus)
 

@@ -149,6 +149,8 @@ def deployment_options(options: ServeOptions) -> dict[str, Any]:
         # a replica that loads a large model and builds its plans may need longer than Serve's default
         "health_check_timeout_s": max(30.0, options.timeout_s),
         "graceful_shutdown_timeout_s": options.timeout_s,
+        # a replica that cannot load its model (a broken directory) fails the deployment after a few tries
+        "max_constructor_retry_count": 3,
     }
 
 

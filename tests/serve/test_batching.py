@@ -155,3 +155,28 @@ def test_png_is_the_samples_drawn(served):
     tile = img[1:33, 1:33][::4, ::4]  # the first sample, one pixel per value
     want = np.clip((x[0, 0].numpy() + 1) / 2 * 255 + 0.5, 0, 255).astype(np.uint8)
     assert np.array_equal(tile, want)
+
+
+def test_a_local_diffusers_dit_is_served_like_fewstep_sample_loads_it(tmp_path):
+    from ..cli.test_cli import _tiny_dit_pipeline, _tiny_unet_dir
+
+    _tiny_dit_pipeline(tmp_path / "pipe")
+    options = ServeOptions(model="pipe", diffusers=str(tmp_path / "pipe"), max_batch=4, nfe=3, solver="ddim")
+    served = load_served_model(options)
+    assert (served.sample_shape, served.num_classes, served.can_png) == ((4, 8, 8), 10, True)
+    engine = EngineCache(served, options).get("ddim", 3, 1.5)
+    jobs = [Job(SampleRequest((1, 7), 5, "ddim", 3, 1.5, "npy"), engine, request_noise(2, (4, 8, 8), 5),
+                torch.tensor([1, 7])),
+            Job(SampleRequest((2,), 6, "ddim", 3, 1.5, "npy"), engine, request_noise(1, (4, 8, 8), 6),
+                torch.tensor([2]))]
+    out = run_jobs(jobs, max_batch=4)
+    for j, r in zip(jobs, out):
+        plan = fs.compile(served.model, served.spec, solver="ddim", nfe=3, guidance_scale=1.5,
+                          shape=tuple(j.noise.shape), cond={"class_labels": j.labels})
+        assert rel_err(r.samples, plan(j.noise, class_labels=j.labels)) <= REL_TOL
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(served.png(out[0].samples))).size == (2 * 8, 8)  # decoded by the VAE
+    unet, sched = _tiny_unet_dir(tmp_path / "u")
+    with pytest.raises(ValueError, match="UNet2DConditionModel is not served"):
+        load_served_model(ServeOptions(model="u", diffusers=str(unet), scheduler_config=str(sched)))

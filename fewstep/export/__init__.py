@@ -10,11 +10,13 @@ TensorRT.
 
 from .trace import STAGE_NOISE, ExportError
 
-__all__ = ["export_plan", "export_network", "ExportReport", "ExportError", "STAGE_NOISE", "load_onnx",
-           "OnnxPlan", "OnnxLoadError", "build_engine", "load_trt", "TrtPlan", "DEFAULT_OPSET"]
+__all__ = ["export_plan", "export_network", "trace_network", "TracedNetwork", "ExportReport", "ExportError",
+           "STAGE_NOISE", "load_onnx", "OnnxPlan", "OnnxLoadError", "build_engine", "load_trt", "TrtPlan",
+           "DEFAULT_OPSET"]
 
 _LAZY = {
-    "export_plan": "onnx_export", "export_network": "onnx_export", "ExportReport": "onnx_export",
+    "export_plan": "onnx_export", "export_network": "onnx_export", "trace_network": "onnx_export",
+    "TracedNetwork": "onnx_export", "ExportReport": "onnx_export",
     "DEFAULT_OPSET": "onnx_export", "load_onnx": "runtime", "OnnxPlan": "runtime", "OnnxLoadError": "runtime",
     "build_engine": "trt", "load_trt": "trt", "TrtPlan": "trt",
 }

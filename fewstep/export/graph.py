@@ -12,7 +12,7 @@ with guidance; the output's halves are ``O_u`` / ``O_c``.  Noisy stages read ``s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -68,14 +68,13 @@ class _Builder:
     def call(self, index: int, x: str, t: str) -> str:
         """A copy of the network's nodes reading ``x`` and ``t``; returns its output's name."""
         g = self.net.graph
-        x_name, t_name = g.input[0].name, g.input[1].name
-        shared = {i.name for i in g.initializer} | {i.name for i in g.input[2:]} | {""}
+        shared = {i.name for i in g.initializer} | {i.name for i in g.input} | {""}
         prefix = f"c{index}_"
 
         def rename(v: str) -> str:
-            if v == x_name:
+            if v == "x":
                 return x
-            if v == t_name:
+            if v == "t":
                 return t
             return v if v in shared else prefix + v
 
@@ -89,18 +88,30 @@ class _Builder:
         return rename(g.output[0].name)
 
 
-def sampler_graph(onnx, net, program: StepProgram, *, shape: Sequence[int], cond_names: Sequence[str]) -> int:
-    """Turn ``net``, the traced network (inputs ``x``, ``t``, ``*cond_names``; output the raw prediction), in
-    place into the graph of ``program``: inputs ``noise``, the conditioning, ``stage_noise`` if any stage is
-    noisy; output ``sample``.  The initializers stay where they are (a large network is not copied).
-    Returns the number of noisy stages."""
+# dtype names (torch's) -> ONNX element types, for the conditioning inputs
+ONNX_TYPES = {"float32": 1, "uint8": 2, "int8": 3, "int16": 5, "int32": 6, "int64": 7, "bool": 9,
+              "float16": 10, "float64": 11, "bfloat16": 16}
+
+
+def sampler_graph(onnx, net, program: StepProgram, *, shape: Sequence[int], x_dtype: str,
+                  cond: Mapping[str, tuple[tuple[int, ...], str]]) -> int:
+    """Turn ``net``, the traced network (inputs ``x``, ``t`` and the ``cond`` names, those it reads: the
+    exporter drops unread ones; one output, the raw prediction), in place into the graph of ``program``:
+    inputs ``noise``, every conditioning tensor of ``cond`` (name -> (shape, dtype name)), ``stage_noise`` if
+    any stage is noisy; output ``sample``.  The initializers stay where they are (a large network is not
+    copied).  x_dtype: the network input's dtype name.  Returns the number of noisy stages."""
     g = net.graph
     if any(a.type in (a.GRAPH, a.GRAPHS) for n in g.node for a in n.attribute):
         raise ExportError("the traced network contains control-flow nodes (If / Loop / Scan); a plan exports "
                           "as a straight-line graph only")
-    if [i.name for i in g.input[2:]] != list(cond_names) or len(g.output) != 1:
+    unknown = [i.name for i in g.input if i.name not in ("x", "t", *cond)]
+    if unknown or len(g.output) != 1:
         raise ExportError(f"the traced network has inputs {[i.name for i in g.input]} and outputs "
-                          f"{[o.name for o in g.output]}; expected x, t, {list(cond_names)} and one output")
+                          f"{[o.name for o in g.output]}; expected x, t, {list(cond)} and one output")
+    bad = {k: d for k, (_, d) in cond.items() if d not in ONNX_TYPES}
+    if bad or x_dtype not in ONNX_TYPES:
+        raise ExportError(f"conditioning dtypes {bad or {'x': x_dtype}} have no ONNX type here; expected "
+                          f"one of {sorted(ONNX_TYPES)}")
     guided = program.guidance_scale is not None
     if not program.registers or program.registers[0] != "x":
         raise ExportError(f"{program.solver}: expected register 0 to be the sample 'x', got registers "
@@ -108,7 +119,7 @@ def sampler_graph(onnx, net, program: StepProgram, *, shape: Sequence[int], cond
     shape = tuple(shape)
     b, halves = shape[0], 2 if guided else 1
     tp = onnx.TensorProto
-    x_type = g.input[0].type.tensor_type.elem_type
+    x_type = ONNX_TYPES[x_dtype]
     out_type = g.output[0].type.tensor_type.elem_type
     bld = _Builder(onnx, net)
     regs: dict[int, str] = {0: NOISE}
@@ -148,12 +159,9 @@ def sampler_graph(onnx, net, program: StepProgram, *, shape: Sequence[int], cond
             v = accs[-1] if x_type == tp.FLOAT else bld.node("Cast", [accs[-1]], "in", to=x_type)
             net_in = bld.node("Concat", [v, v], "in", axis=0) if guided else v
     bld.nodes.append(onnx.helper.make_node("Identity", [regs[0]], [SAMPLE], name="Identity_sample"))
-    cond_inputs = [onnx.ValueInfoProto() for _ in g.input[2:]]
-    for new, old in zip(cond_inputs, g.input[2:]):
-        new.CopyFrom(old)
     del g.input[:], g.output[:], g.node[:], g.value_info[:]
     g.input.append(onnx.helper.make_tensor_value_info(NOISE, tp.FLOAT, shape))
-    g.input.extend(cond_inputs)
+    g.input.extend(onnx.helper.make_tensor_value_info(k, ONNX_TYPES[d], s) for k, (s, d) in cond.items())
     if noisy:
         g.input.append(onnx.helper.make_tensor_value_info(STAGE_NOISE, tp.FLOAT, (noisy, *shape)))
     g.output.append(onnx.helper.make_tensor_value_info(SAMPLE, tp.FLOAT, shape))

@@ -38,14 +38,15 @@ from typing import Any
 
 import torch
 
+from ..quant import FP8Linear
 from ..solvers import StepProgram, program_to_dict
 from .graph import sampler_graph
 from .qdq import MIN_OPSET as QDQ_MIN_OPSET
 from .qdq import qdq_layers
 from .trace import STAGE_NOISE, ExportError, NetworkCall, network_module, trace_guard
 
-__all__ = ["export_plan", "export_network", "ExportReport", "DEFAULT_OPSET", "OPSETS", "META_KEY", "FORMAT",
-           "VERSION", "compact", "dtype_name"]
+__all__ = ["export_plan", "export_network", "trace_network", "TracedNetwork", "ExportReport", "DEFAULT_OPSET",
+           "OPSETS", "META_KEY", "FORMAT", "VERSION", "compact", "dtype_name"]
 
 DEFAULT_OPSET = 19  # the first with float8 QuantizeLinear / DequantizeLinear
 OPSETS = range(17, 21)  # LayerNormalization needs 17; 20 is the TorchScript exporter's newest
@@ -94,24 +95,48 @@ def _onnx():
     return onnx
 
 
-def _trace_network(onnx, model, path: Path, *, x: torch.Tensor, t: torch.Tensor,
-                   cond: Mapping[str, torch.Tensor], opset: int):
-    """One network call traced to ONNX (inputs ``x``, ``t``, the cond names; output ``out``), compacted."""
+@dataclasses.dataclass
+class TracedNetwork:
+    """One traced network call, ``(x, t, *cond) -> out`` as an ONNX ModelProto (compacted), reusable by
+    :func:`export_plan` for every program with the same network input: several solvers or NFEs of one model
+    cost one trace.  ``x`` and ``cond``: (shape, dtype name) of the traced inputs."""
+
+    model: Any  # onnx.ModelProto; export_plan works on a copy
+    x: tuple[tuple[int, ...], str]
+    cond: dict[str, tuple[tuple[int, ...], str]]
+    opset: int
+    qdq_layers: int
+
+
+def trace_network(model: Callable[..., torch.Tensor], *, x: torch.Tensor, t: torch.Tensor,
+                  cond: Mapping[str, torch.Tensor], opset: int = DEFAULT_OPSET) -> TracedNetwork:
+    """Trace one call ``model(x, t, **cond)`` (``x``: the network input, batch ``2 * batch`` with guidance;
+    ``t``: ``(x.shape[0],)`` float32) to ONNX; FP8 layers become Q/DQ.  Raises :class:`ExportError` for data-
+    dependent control flow or an op torch.onnx cannot convert."""
+    onnx = _onnx()
     net = network_module(model)
-    with qdq_layers(net) as n_qdq:
-        _torch_export(NetworkCall(model, list(cond)), (x, t, *cond.values()), path, ["x", "t", *cond], opset)
-    m = onnx.load(str(path))
-    path.unlink()
+    quantized = net is not None and any(isinstance(m, FP8Linear) for m in net.modules())
+    opset = _check_opset(opset, quantized)
+    with tempfile.TemporaryDirectory(prefix=".fewstep-trace-") as tmp:
+        path = Path(tmp) / "network.onnx"
+        with qdq_layers(net) as n_qdq:
+            _torch_export(NetworkCall(model, list(cond)), (x, t, *cond.values()), path, ["x", "t", *cond],
+                          opset)
+        m = onnx.load(str(path))
     compact(m)
-    return m, n_qdq
+    cond_spec = {k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in cond.items()}
+    return TracedNetwork(model=m, x=(tuple(x.shape), dtype_name(x.dtype)), cond=cond_spec, opset=opset,
+                         qdq_layers=n_qdq)
 
 
 def export_plan(model: Callable[..., torch.Tensor], program: StepProgram, path, *, shape: Sequence[int],
                 dtype: torch.dtype, device: torch.device, cond: Mapping[str, torch.Tensor],
-                opset: int = DEFAULT_OPSET, quant: Any = None,
-                description: str | None = None) -> ExportReport:
+                opset: int = DEFAULT_OPSET, quant: Any = None, description: str | None = None,
+                network: TracedNetwork | None = None) -> ExportReport:
     """Write ``program`` on ``model`` (a plan's network, ``shape``, ``dtype``, example ``cond``) as one ONNX
-    file at ``path`` (``Plan.export_onnx`` passes its own).  Nothing is left at ``path`` after an error."""
+    file at ``path`` (``Plan.export_onnx`` passes its own).  network: a :func:`trace_network` of ``model``
+    for this shape, guidance and conditioning (default: traced here).  Nothing is left at ``path`` after an
+    error."""
     onnx = _onnx()
     path = Path(path)
     net = network_module(model)
@@ -121,15 +146,22 @@ def export_plan(model: Callable[..., torch.Tensor], program: StepProgram, path, 
     t0 = time.perf_counter()
     shape = tuple(shape)
     halves = 2 if program.guidance_scale is not None else 1
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn((halves * shape[0], *shape[1:]), generator=g).to(device=device, dtype=dtype)
-    t = torch.full((halves * shape[0],), float(program.timesteps[0]), dtype=torch.float32, device=device)
+    x_shape = (halves * shape[0], *shape[1:])
+    cond_spec = {k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in cond.items()}
+    if network is None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(x_shape, generator=g).to(device=device, dtype=dtype)
+        t = torch.full((x_shape[0],), float(program.timesteps[0]), dtype=torch.float32, device=device)
+        network = trace_network(model, x=x, t=t, cond=cond, opset=opset)
+    elif (network.x, network.cond, network.opset) != ((x_shape, dtype_name(dtype)), cond_spec, opset):
+        raise ValueError(f"network: traced for x {network.x}, cond {network.cond}, opset {network.opset}; "
+                         f"this plan needs x {(x_shape, dtype_name(dtype))}, cond {cond_spec}, opset {opset}")
+    m = onnx.ModelProto()
+    m.CopyFrom(network.model)
     tmp = Path(tempfile.mkdtemp(prefix=".fewstep-export-", dir=path.parent))
     try:
-        m, n_qdq = _trace_network(onnx, model, tmp / "network.onnx", x=x, t=t, cond=cond, opset=opset)
-        noisy = sampler_graph(onnx, m, program, shape=shape, cond_names=list(cond))
-        inputs = {"noise": (shape, "float32")}
-        inputs.update({k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in cond.items()})
+        noisy = sampler_graph(onnx, m, program, shape=shape, x_dtype=dtype_name(dtype), cond=cond_spec)
+        inputs = {"noise": (shape, "float32"), **cond_spec}
         if noisy:
             inputs[STAGE_NOISE] = ((noisy, *shape), "float32")
         doc = {"format": FORMAT, "version": VERSION, "fewstep": _version(), "solver": program.solver,
@@ -158,20 +190,16 @@ def export_plan(model: Callable[..., torch.Tensor], program: StepProgram, path, 
     data = path.with_name(path.name + ".data")
     size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
     return ExportReport(path=path, file_bytes=size, network_bytes=_module_bytes(net), inputs=inputs,
-                        nodes=len(stats.node), initializers=len(stats.initializer), qdq_layers=n_qdq,
-                        seconds=time.perf_counter() - t0)
+                        nodes=len(stats.node), initializers=len(stats.initializer),
+                        qdq_layers=network.qdq_layers, seconds=time.perf_counter() - t0)
 
 
 def export_network(model: Callable[..., torch.Tensor], path, *, x: torch.Tensor, t: torch.Tensor,
                    cond: Mapping[str, torch.Tensor], opset: int = DEFAULT_OPSET) -> int:
     """The network alone, one call ``model(x, t, **cond)`` (inputs ``x``, ``t``, the cond names; output
     ``out``), as ONNX: what other engines export, the baseline of the whole-plan file.  Returns its bytes."""
-    onnx = _onnx()
     path = Path(path)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        m, _ = _trace_network(onnx, model, Path(tmp) / "network.onnx", x=x, t=t, cond=cond,
-                              opset=_check_opset(opset, False))
-        _save(onnx, m, path)
+    _save(_onnx(), trace_network(model, x=x, t=t, cond=cond, opset=opset).model, path)
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 

@@ -43,7 +43,7 @@ from ..solvers import StepProgram, program_to_dict
 from .graph import sampler_graph
 from .qdq import MIN_OPSET as QDQ_MIN_OPSET
 from .qdq import qdq_layers
-from .trace import STAGE_NOISE, ExportError, NetworkCall, network_module, trace_guard
+from .trace import STAGE_NOISE, ExportError, NetworkCall, extra_symbolics, network_module, trace_guard
 
 __all__ = ["export_plan", "export_network", "trace_network", "TracedNetwork", "ExportReport", "DEFAULT_OPSET",
            "OPSETS", "META_KEY", "FORMAT", "VERSION", "compact", "dtype_name"]
@@ -223,7 +223,7 @@ def _torch_export(module: torch.nn.Module, args: tuple, path: Path, names: list[
         # failed; the dump is dropped.
         log, torch._C._jit_onnx_log = torch._C._jit_onnx_log, lambda *a: None
         try:
-            with trace_guard(names):
+            with trace_guard(names), extra_symbolics(opset):
                 torch.onnx.export(module, args, str(path), input_names=names, output_names=[output],
                                   opset_version=opset, dynamo=False, do_constant_folding=True)
         except ExportError:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["NetworkCall", "ExportError", "trace_guard", "network_module", "STAGE_NOISE"]
+__all__ = ["NetworkCall", "ExportError", "trace_guard", "network_module", "extra_symbolics", "STAGE_NOISE"]
 
 STAGE_NOISE = "stage_noise"  # the input holding every noisy stage's Gaussian noise, (stages, *shape) fp32
 
@@ -151,3 +151,47 @@ def trace_guard(input_names: Sequence[str]):
     call's arguments, in order."""
     with _Guard(input_names):
         yield
+
+
+# -- ops the TorchScript exporter lacks ----------------------------------------------------------------------
+_EPS = {"Float": torch.float32, "Half": torch.float16, "BFloat16": torch.bfloat16, "Double": torch.float64}
+
+
+def _rms_norm(g, x, normalized_shape, weight, eps):
+    """``aten::rms_norm`` (Flux's and SD3.5's QK norms) as ``x / sqrt(mean(x^2) + eps) * weight``: ONNX has
+    RMSNormalization only from opset 23, which the TorchScript exporter does not reach."""
+    from torch.onnx import symbolic_helper as sh
+
+    dims = sh._get_const(normalized_shape, "is", "normalized_shape")
+    e = None if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
+    if e is None:  # torch's default: the input dtype's machine epsilon
+        e = torch.finfo(_EPS.get(x.type().scalarType(), torch.float32)).eps
+    axes = list(range(-len(dims), 0))
+    sq = g.op("Mul", x, x)
+    if g.opset >= 18:
+        axes_c = g.op("Constant", value_t=torch.tensor(axes, dtype=torch.int64))
+        ms = g.op("ReduceMean", sq, axes_c, keepdims_i=1)
+    else:
+        ms = g.op("ReduceMean", sq, axes_i=axes, keepdims_i=1)
+    eps_c = g.op("CastLike", g.op("Constant", value_t=torch.tensor(e, dtype=torch.float32)), x)
+    y = g.op("Div", x, g.op("Sqrt", g.op("Add", ms, eps_c)))
+    return y if sh._is_none(weight) else g.op("Mul", y, weight)
+
+
+_SYMBOLICS = {"aten::rms_norm": _rms_norm}
+
+
+@contextmanager
+def extra_symbolics(opset: int):
+    """Register the symbolic functions of :data:`_SYMBOLICS` that torch.onnx has none of at ``opset`` for the
+    duration of the block (a symbolic already registered, by torch or the user, is left alone)."""
+    from torch.onnx._internal.torchscript_exporter import registration
+
+    added = [name for name in _SYMBOLICS if not registration.registry.is_registered_op(name, opset)]
+    for name in added:
+        torch.onnx.register_custom_op_symbolic(name, _SYMBOLICS[name], opset)
+    try:
+        yield
+    finally:
+        for name in added:
+            torch.onnx.unregister_custom_op_symbolic(name, opset)

@@ -188,3 +188,13 @@ def test_failed_export_restores_fp8_layers(tmp_path):
         plan.export_onnx(tmp_path / "p.onnx")
     assert model.lin is layer
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_op_without_onnx_conversion_is_named(tmp_path):
+    class Special(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.special.zeta(x.abs() + 2.0, torch.full_like(x, 1.5))
+
+    with pytest.raises(ExportError, match=r"could not convert the network.*aten::special_zeta"):
+        _plan(Special()).export_onnx(tmp_path / "p.onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -72,6 +72,7 @@ class OnnxPlan:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
         opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only: fp16 graphs log a warning per node CPU kernels lack
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
         providers = list(providers) if providers is not None else default_providers()

@@ -51,7 +51,7 @@ accuracy: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) tests
-	$(BIN)/python -m pytest -q benchmarks --benchmark-disable
+	$(BIN)/python -m pytest -q benchmarks --benchmark-disable -m "not slow"
 	$(MAKE) --no-print-directory gpu-check-dry
 ifeq ($(RUN_COMPAT),1)
 	$(MAKE) --no-print-directory test-compat

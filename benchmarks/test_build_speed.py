@@ -1,10 +1,11 @@
 """Building a StepProgram must be cheap: under 50 ms for nfe <= 50 (host-only, float64)."""
 
+import statistics
+import time
+
 import pytest
-import torch
 
 import fewstep as fs
-from fewstep.bench.timing import median_ms
 
 SPEC = fs.ModelSpec(fs.schedules.DiscreteVP())
 BUDGET_MS = 50.0
@@ -27,6 +28,13 @@ def test_build_time(benchmark, name, nfe):
         pytest.skip(str(e))
     prog = benchmark(fs.solvers.build, name, spec, nfe)
     assert prog.nfe == nfe
-    # the budget check itself: a median of host timings, independent of the benchmark plugin's mode
-    ms = median_ms(lambda: fs.solvers.build(name, spec, nfe), torch.device("cpu"))
-    assert ms < BUDGET_MS, f"{name} nfe={nfe}: median build {ms:.1f} ms > {BUDGET_MS:.0f} ms"
+    # the budget check itself, independent of the benchmark plugin's mode: the median CPU time of this thread
+    # (a build is single-threaded host work), so other processes on a shared machine do not inflate it
+    ms = statistics.median(_thread_ms(lambda: fs.solvers.build(name, spec, nfe)) for _ in range(3))
+    assert ms < BUDGET_MS, f"{name} nfe={nfe}: median build {ms:.1f} ms CPU > {BUDGET_MS:.0f} ms"
+
+
+def _thread_ms(fn) -> float:
+    t0 = time.thread_time()
+    fn()
+    return (time.thread_time() - t0) * 1e3

@@ -59,8 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicas", type=positive_int_arg, default=1, help="Serve replicas (default: 1)")
     p.add_argument("--max-batch", type=positive_int_arg, default=8,
                    help="most samples in one plan call, and in one request (default: 8)")
-    p.add_argument("--batch-calls", type=positive_int_arg, default=2,
-                   help="plan calls one batch of waiting requests may fill, packed by size (default: 2)")
+    p.add_argument("--batch-calls", type=positive_int_arg, default=1,
+                   help="plan calls a busy replica's next run may make from waiting requests (default: 1)")
     p.add_argument("--batch-wait-ms", type=_nonnegative_float, default=5.0,
                    help="how long a replica waits for more requests to merge (default: 5)")
     p.add_argument("--solver", default="unipc", help="default solver of a request (default: unipc)")

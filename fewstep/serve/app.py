@@ -13,6 +13,7 @@ beyond ``max_ongoing`` requests per replica and ``max_queued`` waiting, its prox
 
 
 import asyncio
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,12 +24,14 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batching import Job, JobResult, bucket_sizes, job_rows, run_jobs
+from .batching import Job, JobResult, PlanRunner, bucket_sizes, job_rows, run_jobs
 from .models import EngineCache, load_served_model
 from .options import ServeOptions
 from .protocol import FORMATS, RequestError, encode_npy, parse_sample_request, request_noise
 
 __all__ = ["FewstepDeployment", "build_app", "app_builder", "deployment_options"]
+
+_MAX_WAITING_BATCHES = 1024  # more than the requests a replica holds (max_ongoing): never the limit
 
 api = FastAPI(title="fewstep", description="low-NFE diffusion sampling", docs_url=None, redoc_url=None)
 
@@ -66,8 +69,10 @@ class FewstepDeployment:
 
         self.solvers = tuple(available())
         self.formats = tuple(FORMATS) if self.served.can_png else ("npy",)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fewstep-plan")
-        self._sample_batch.set_max_batch_size(o.max_batch * o.batch_calls)  # rows (batch_size_fn=job_rows)
+        run = functools.partial(run_jobs, max_batch=o.max_batch, device=self.served.device)
+        self._runner = PlanRunner(run, capacity=o.max_batch * o.batch_calls, executor=ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="fewstep-plan"))
+        self._sample_batch.set_max_batch_size(o.max_batch)  # rows (batch_size_fn=job_rows)
         self._sample_batch.set_batch_wait_timeout_s(o.batch_wait_ms / 1000.0)
         self.engines.warm(o.solver, o.nfe, o.guidance)  # the default program's buckets, before any request
         self.ready_seconds = time.perf_counter() - t0
@@ -129,11 +134,11 @@ class FewstepDeployment:
             return Response(self.served.png(result.samples), media_type=FORMATS["png"], headers=headers)
         return Response(encode_npy(result.samples), media_type=FORMATS["npy"], headers=headers)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, batch_size_fn=job_rows)
+    # Serve's batches wait in the PlanRunner (which merges them into runs), not on Serve's own semaphore.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, batch_size_fn=job_rows,
+                 max_concurrent_batches=_MAX_WAITING_BATCHES)
     async def _sample_batch(self, jobs: list[Job]) -> list[JobResult | Exception]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: run_jobs(
-            jobs, max_batch=self.options.max_batch, device=self.served.device))
+        return await self._runner.submit(jobs)
 
 
 def deployment_options(options: ServeOptions) -> dict[str, Any]:

@@ -16,11 +16,17 @@ noise and its program's Engine) and hands it to :func:`run_jobs` on a worker thr
   request's noise to the other requests of its batch.
 
 A failing plan call fails only the jobs in it: the others of the batch still get their samples.
+
+:class:`PlanRunner` sits between ``@serve.batch`` and the worker thread: every batch that arrives while a run
+is under way joins the next run, so a busy replica's backlog fills its plan calls (see its docstring).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +34,7 @@ import torch
 
 from .protocol import SampleRequest
 
-__all__ = ["Job", "JobResult", "bucket_sizes", "bucket_for", "job_rows", "pack", "run_jobs"]
+__all__ = ["Job", "JobResult", "PlanRunner", "bucket_sizes", "bucket_for", "job_rows", "pack", "run_jobs"]
 
 
 @dataclass
@@ -139,3 +145,62 @@ def _run_call(engine, jobs: list[Job], buckets: Sequence[int], device) -> list[J
         results.append(JobResult(out[at:at + j.rows].clone(), size, len(jobs)))
         at += j.rows
     return results
+
+
+class PlanRunner:
+    """Runs batches of jobs with ``run(jobs) -> results`` on ``executor`` (one worker thread), one run at a
+    time; the batches submitted while a run is under way join the next run, up to ``capacity`` rows: the
+    oldest batch (alone if it is larger), then every other one that fits, in arrival order.
+
+    Why: ``@serve.batch`` (Ray Serve 2.60) closes a batch when its wait window ends and starts forming the
+    next one at once, also while the previous batch still runs.  Behind a plan call of a few hundred
+    milliseconds a busy replica's backlog then arrives as many small batches that run one after another.
+    Merging what waits into the next run fills the plan calls instead (continuous batching); an idle replica
+    runs a lone request as soon as its batch window closes.  Use from one event loop.
+    """
+
+    def __init__(self, run: Callable[[list[Job]], list], *, capacity: int, executor: Executor):
+        self._run, self._capacity, self._executor = run, capacity, executor
+        self._pending: deque[tuple[list[Job], asyncio.Future]] = deque()
+        self._task: asyncio.Task | None = None
+        self.runs = 0  # runs so far (tests, metrics)
+
+    async def submit(self, jobs: Sequence[Job]) -> list[JobResult | Exception]:
+        """The results of ``jobs`` (in order) once the run they joined is done."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._pending.append((list(jobs), done))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._drain())
+        return await done
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            take, rows, later = [], 0, deque()
+            while self._pending:  # the oldest batch, then every other one that still fits, in arrival order
+                jobs, done = self._pending.popleft()
+                if done.done():  # a cancelled submit (its request timed out) is dropped unrun
+                    continue
+                if not take or rows + job_rows(jobs) <= self._capacity:
+                    take.append((jobs, done))
+                    rows += job_rows(jobs)
+                else:
+                    later.append((jobs, done))
+            self._pending = later
+            if not take:
+                continue
+            self.runs += 1
+            try:
+                flat = [j for jobs, _ in take for j in jobs]
+                results = await loop.run_in_executor(self._executor, self._run, flat)
+            except Exception as e:  # noqa: BLE001 - every request of the run gets it
+                for _, done in take:
+                    if not done.done():
+                        done.set_exception(e)
+                continue
+            at = 0
+            for jobs, done in take:
+                if not done.done():
+                    done.set_result(results[at:at + len(jobs)])
+                at += len(jobs)

@@ -180,3 +180,49 @@ def test_a_local_diffusers_dit_is_served_like_fewstep_sample_loads_it(tmp_path):
     unet, sched = _tiny_unet_dir(tmp_path / "u")
     with pytest.raises(ValueError, match="UNet2DConditionModel is not served"):
         load_served_model(ServeOptions(model="u", diffusers=str(unet), scheduler_config=str(sched)))
+
+
+def test_runner_merges_what_waits_into_the_next_run():
+    """While one run is under way, later batches join the next run (the oldest, then whatever fits the
+    capacity in rows); a cancelled submit is dropped unrun; an exception reaches every request of its run."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fewstep.serve.batching import PlanRunner
+
+    gate, runs = threading.Event(), []
+
+    def run(jobs):
+        runs.append([j.request.seed for j in jobs])
+        if len(runs) == 1:
+            gate.wait(10)  # the first run holds the worker until every other batch has been submitted
+        if any(j.request.seed == 99 for j in jobs):
+            raise RuntimeError("boom")
+        return [f"r{j.request.seed}" for j in jobs]
+
+    def jobs(*seeds, rows=1):
+        return [Job(SampleRequest((0,) * rows, s, "unipc", 4, None, "npy"), None,
+                    torch.zeros(rows, 1, 8, 8), torch.zeros(rows, dtype=torch.long)) for s in seeds]
+
+    async def scenario():
+        runner = PlanRunner(run, capacity=3, executor=ThreadPoolExecutor(1))
+        first = asyncio.ensure_future(runner.submit(jobs(1)))
+        await asyncio.sleep(0.05)  # run 1 has started
+        b = asyncio.ensure_future(runner.submit(jobs(2, 3)))
+        d = asyncio.ensure_future(runner.submit(jobs(6, rows=2)))  # 2 + 2 rows exceed 3: waits for run 3
+        c = asyncio.ensure_future(runner.submit(jobs(4)))  # fits beside b: joins run 2, ahead of d
+        cancelled = asyncio.ensure_future(runner.submit(jobs(5)))
+        e = asyncio.ensure_future(runner.submit(jobs(99)))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        gate.set()
+        assert await first == ["r1"]
+        assert await b == ["r2", "r3"] and await c == ["r4"]
+        for late in (d, e):  # run 3 holds both; its failure is theirs
+            with pytest.raises(RuntimeError, match="boom"):
+                await late
+        return runner.runs
+
+    assert asyncio.run(scenario()) == 3
+    assert runs == [[1], [2, 3, 4], [6, 99]]

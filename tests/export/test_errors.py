@@ -198,3 +198,16 @@ def test_an_op_without_onnx_conversion_is_named(tmp_path):
     with pytest.raises(ExportError, match=r"could not convert the network.*aten::special_zeta"):
         _plan(Special()).export_onnx(tmp_path / "p.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_traced_network_for_another_plan_is_refused(digits, tmp_path):
+    from fewstep.export import export_plan, trace_network
+
+    model, _ = digits
+    traced = trace_network(model, x=randn(2, 1, 8, 8, seed=0), t=torch.full((2,), 10.0),
+                           cond={"class_labels": LABELS})  # batch 2: a plan of batch 2 without guidance
+    plan, cond = digits_plan(digits, "ddim", nfe=1, guidance=1.5)  # guidance: the network sees batch 4
+    with pytest.raises(ValueError, match=r"traced for x \(\(2, 1, 8, 8\).*needs x \(\(4, 1, 8, 8\)"):
+        export_plan(model, plan.program, tmp_path / "p.onnx", shape=plan.shape, dtype=plan.dtype,
+                    device=plan.device, cond=cond, network=traced)
+    assert list(tmp_path.iterdir()) == []

@@ -21,6 +21,7 @@ from fewstep.kernels.solver_update import (  # noqa: E402
     solver_update_ref,
 )
 
+from .noise_stats import check_streams_independent, corr_bound  # noqa: E402
 from .programs import get_program, guided_toy_net, program_ids, toy_net  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,6 +133,25 @@ def test_noise_reproducible_and_independent():
     st = torch.zeros(1, n, device=DEV)
     solver_update(upd, st, None, None, big)
     assert torch.isfinite(st).all() and not torch.equal(st[0].cpu(), a)
+
+
+def test_noise_streams_of_stages_are_not_shifted_copies():
+    """Stage k of one plan draws Philox counters [k*N, (k+1)*N): no stage's noise is another's shifted by a
+    few elements (the counter offset ``noise_index`` instead of ``noise_index * N`` makes stage k stage 0's
+    noise shifted by k), and each stream is uncorrelated with itself shifted (independent counters).
+    N is odd and not a multiple of the launch block."""
+    n, stages = 1531, 6
+    seed = torch.tensor([2024], dtype=torch.int64, device=DEV)
+    zs = []
+    for k in range(stages):
+        st = torch.zeros(1, n, device=DEV)
+        z = torch.empty(n, device=DEV)
+        solver_update(StageUpdate((0,), (0,), (0.0, 1.0), False, False, True, False, False, noise_index=k),
+                      st, None, None, seed, z_out=z)
+        assert torch.equal(st[0], z)  # coefficient 1 on the noise: the state is the noise drawn
+        zs.append(z.cpu())
+    bound = corr_bound(n)
+    check_streams_independent(zs, bound)
 
 
 def _run_kernel_program(prog, model, noise, update):

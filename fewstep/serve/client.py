@@ -7,6 +7,7 @@ threads and stops sending at a deadline: a load run ends however the server beha
 
 from __future__ import annotations
 
+import http.client
 import json
 import statistics
 import threading
@@ -16,8 +17,9 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
-__all__ = ["Reply", "request", "post_sample", "run_load", "summarize"]
+__all__ = ["Reply", "Connection", "request", "post_sample", "run_load", "summarize"]
 
 
 @dataclass
@@ -66,27 +68,76 @@ def post_sample(base_url: str, payload: dict | bytes, *, timeout: float = 60.0) 
     return request(base_url.rstrip("/") + "/v1/sample", payload, timeout=timeout)
 
 
+class Connection:
+    """One kept-alive HTTP/1.1 connection to a server (what :func:`run_load` gives each client thread, as a
+    browser or ``requests.Session`` would): no TCP handshake per request.  Not thread-safe.
+
+    A request on a reused connection that the server closed while it was idle (keep-alive timeout) is sent
+    again once on a new connection, as urllib3 does; any other failure is a status-0 :class:`Reply`."""
+
+    def __init__(self, base_url: str, *, timeout: float = 60.0):
+        u = urlsplit(base_url)
+        if u.scheme != "http" or not u.hostname:
+            raise ValueError(f"base_url: expected http://host[:port], got {base_url!r}")
+        self.host, self.port, self.prefix = u.hostname, u.port or 80, u.path.rstrip("/")
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def post(self, path: str, payload: dict) -> Reply:
+        body = json.dumps(payload).encode()
+        t0 = time.perf_counter()
+        for attempt in (0, 1):
+            reused = self._conn is not None
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self._conn.request("POST", self.prefix + path, body, {"Content-Type": "application/json"})
+                r = self._conn.getresponse()
+                data = r.read()
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, malformed
+                self.close()
+                stale = isinstance(e, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError))
+                if stale and reused and not attempt:
+                    continue
+                return Reply(0, {}, b"", time.perf_counter() - t0, payload, error=f"{type(e).__name__}: {e}",
+                             started=t0)
+            if r.will_close:
+                self.close()
+            headers = {k.lower(): v for k, v in r.getheaders()}
+            return Reply(r.status, headers, data, time.perf_counter() - t0, payload, started=t0)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
 def run_load(base_url: str, payloads: Sequence[dict], *, clients: int, timeout: float = 60.0,
              deadline_s: float = 600.0, on_reply: Callable[[int, Reply], None] | None = None
              ) -> list[Reply | None]:
-    """Send ``payloads`` from ``clients`` threads, each request with ``timeout``; a request not sent within
-    ``deadline_s`` of the start is skipped (None in its place).  Returns the replies in payload order;
-    ``on_reply(i, reply)`` is called (from a client thread) as each one arrives."""
+    """Send ``payloads`` to ``POST /v1/sample`` from ``clients`` threads, each with its own kept-alive
+    :class:`Connection` and every request with ``timeout``; a request not sent within ``deadline_s`` of the
+    start is skipped (None in its place).  Returns the replies in payload order; ``on_reply(i, reply)`` is
+    called (from a client thread) as each one arrives."""
     replies: list[Reply | None] = [None] * len(payloads)
     t_end = time.monotonic() + deadline_s
     next_i, lock = [0], threading.Lock()
 
     def worker():
-        while True:
-            with lock:
-                i = next_i[0]
-                next_i[0] += 1
-            if i >= len(payloads) or time.monotonic() > t_end:
-                return
-            replies[i] = post_sample(base_url, payloads[i], timeout=timeout)
-            if on_reply is not None:
-                on_reply(i, replies[i])
-
+        conn = Connection(base_url, timeout=timeout)
+        try:
+            while True:
+                with lock:
+                    i = next_i[0]
+                    next_i[0] += 1
+                if i >= len(payloads) or time.monotonic() > t_end:
+                    return
+                replies[i] = conn.post("/v1/sample", payloads[i])
+                if on_reply is not None:
+                    on_reply(i, replies[i])
+        finally:
+            conn.close()
     with ThreadPoolExecutor(clients) as ex:
         for f in [ex.submit(worker) for _ in range(clients)]:
             f.result()

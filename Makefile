@@ -33,7 +33,7 @@ COMPAT_TESTS ?= tests/kernels/test_fp8_gemm.py tests/kernels/test_fp8_quantize.p
 # make test also runs test-compat when RUN_COMPAT=1 (it roughly doubles the kernel tests' time)
 RUN_COMPAT ?= 0
 
-.PHONY: install demo test bench lint accuracy clean gpu-check gpu-check-dry wheels test-compat
+.PHONY: install demo test bench lint accuracy clean gpu-check gpu-check-dry wheels test-compat mutate
 
 install: $(STAMP)
 
@@ -84,6 +84,12 @@ test-compat: $(COMPAT_VENV)/.installed
 	  'triton', triton.__version__, 'numpy', numpy.__version__)"
 	PYTHONPATH=$(CURDIR) $(COMPAT_VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -p no:cacheprovider \
 	  $(COMPAT_TESTS)
+
+# mutation testing of the numeric core (scripts/mutate.py; not part of make test): writes docs/mutation.md
+mutate: $(STAMP)
+	$(BIN)/python -c "import mutmut" 2>/dev/null || FEWSTEP_SKIP_CUDA_BUILD=$(if $(HAS_GPU),0,1) \
+	  $(BIN)/pip install -q --no-build-isolation -e ".[mutate]"
+	$(BIN)/python scripts/mutate.py $(MUTATE_ARGS)
 
 bench: $(STAMP)
 	mkdir -p benchmarks/results

@@ -36,6 +36,28 @@ def test_per_timestep_absmax_max_and_mean():
     assert net[0].observer is None
 
 
+def test_negative_dominated_inputs_calibrate_to_the_absolute_max():
+    """Inputs whose largest magnitude is negative (and whose signed max is small or negative): the range is
+    max |x|, not max x.  Oracle: the absmax written into each input by hand."""
+    net = _net()
+    rows = []
+    with Calibrator(net, nfe=3) as cal:
+        fn = cal.wrap(lambda x: net(x))
+        for absmax, top in ((5.0, 0.25), (2.0, -0.5), (7.5, 3.0)):  # per timestep: |most negative|, max x
+            x = -torch.rand(4, 32) * 0.5 * absmax  # all in (-absmax/2, 0]
+            x[1, 3], x[2, 30] = -absmax, top
+            rows.append(absmax)
+            fn(x)
+    assert cal.stats["0"] == rows
+    cal.finish("max")
+    assert net[0].act_scale.item() == pytest.approx(7.5 / 448)
+    with Calibrator(net, nfe=1, method="percentile", percentile=100.0) as cal:
+        x = torch.full((2, 32), -0.125)
+        x[0, 0] = -3.0
+        cal.wrap(lambda x: net(x))(x)
+    assert cal.stats["0"] == [3.0]
+
+
 def test_percentile_is_below_absmax():
     net = _net()
     with Calibrator(net, nfe=1, method="percentile", percentile=50.0) as cal:

@@ -55,7 +55,7 @@ def test_fp8_plan_close_to_unquantized(reference):
     plan, y = _compile(model, quant=EMU)
     assert len(quantized_layers(model)) == 8
     out = plan(_noise(), class_labels=y)
-    assert sqnr_db(out, reference) >= 25.0
+    assert sqnr_db(out, reference) >= 31.0  # measured 34.5 dB (CPU, emulated FP8); 3 dB = 2x the noise power
 
 
 def test_static_calibration_over_the_plan_timesteps(reference):
@@ -67,7 +67,42 @@ def test_static_calibration_over_the_plan_timesteps(reference):
     assert all(m.static for m in layers.values())
     assert all(m.observer is None for m in layers.values())
     out = plan(_noise(), class_labels=y)
-    assert sqnr_db(out, reference) >= 20.0
+    assert sqnr_db(out, reference) >= 31.0  # measured 34.5 dB (CPU, emulated FP8); 3 dB = 2x the noise power
+
+
+def test_static_scales_are_the_absmax_of_each_layer_input():
+    """Each static scale is max |x| / 448 over every call of the calibration run.  Oracle: forward pre-hooks
+    on the FP8 layers of a second, dynamically scaled copy running the same eager plan on the same inputs
+    (calibration observes with dynamic scales and the blocks' unfused path, so the inputs are identical)."""
+    from fewstep.quant.dit_block import FP8DiTBlock
+
+    inputs = [_noise(11), _noise(12)]
+    model = tiny_dit()
+    _compile(model, quant=EMU, quant_options={"activation_scales": "static", "calibration_inputs": inputs})
+    got = {n: m.act_scale.item() for n, m in quantized_layers(model).items()}
+
+    twin = tiny_dit()
+    plan, y = _compile(twin, quant=EMU)  # dynamic scales
+    absmax = {}
+
+    def hook(name):
+        def pre(module, args):
+            absmax[name] = max(absmax.get(name, 0.0), float(args[0].detach().abs().max()))
+        return pre
+
+    for m in twin.modules():
+        if isinstance(m, FP8DiTBlock):
+            m.calibrating = True
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in quantized_layers(twin).items()]
+    try:
+        for x in inputs:
+            plan(x, class_labels=y)
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(absmax) == set(got) and len(got) == 8
+    for n, v in got.items():
+        assert v == pytest.approx(absmax[n] / 448, rel=1e-6), n
 
 
 def test_percentile_mean_calibration():
@@ -182,7 +217,10 @@ def test_fp8_plan_file_is_data(tmp_path):
 def test_triton_plan_matches_emulated(tmp_path):
     a, y = _compile(tiny_dit(), nfe=2, guidance_scale=None, quant="fp8")  # the interpreter is slow: 2 calls
     b, _ = _compile(tiny_dit(), nfe=2, guidance_scale=None, quant=EMU)
-    assert sqnr_db(a(_noise(), class_labels=y), b(_noise(), class_labels=y)) >= 40.0
+    # measured 144 dB on CPU (interpreter vs PyTorch: fp32 summation order only); 100 dB leaves room for a
+    # few FP8 roundings flipped by another BLAS's order.  On a GPU (fp8 tensor cores) not yet measured: 40 dB.
+    floor = 100.0 if DEV == "cpu" else 40.0
+    assert sqnr_db(a(_noise(), class_labels=y), b(_noise(), class_labels=y)) >= floor
     assert a.quant_state()["layers"]["transformer_blocks.0.attn1.to_qkv"]["configs"]  # resolved, saved
     # the resolved launch configs come back from the file (restored as fs.load does, without a plan build)
     a.save(tmp_path / "a.plan")
@@ -236,7 +274,8 @@ def test_engine_passes_quant_to_every_plan():
         y = torch.arange(batch, device=DEV)
         noise = torch.randn(batch, 4, 8, 8, generator=torch.Generator().manual_seed(batch)).to(DEV)
         out, want = eng(noise, class_labels=y), ref(noise, class_labels=y)
-        assert torch.isfinite(out).all() and sqnr_db(out, want) >= 25.0
+        # measured 35.0 / 34.4 dB (batch 2 / 3, CPU, emulated FP8); 3 dB = 2x the noise power
+        assert torch.isfinite(out).all() and sqnr_db(out, want) >= 31.0
     assert len(eng.plans) == 2 and len(quantized_layers(model)) == 8  # quantized once, two shapes
 
 

@@ -83,6 +83,21 @@ def test_multistep_options_match_diffusers(name, opts, nfe, spacing):
     _check(name, spec, nfe, spacing, scheduler=sch, **opts)
 
 
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde"])
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+@pytest.mark.parametrize("nfe", [14, 15, 16])
+def test_lower_order_final_boundary_matches_diffusers(name, final, nfe):
+    """diffusers lowers the last steps' orders (lower_order_final) only below 15 steps: NFE 14, 15 and 16
+    on either side of that boundary, with both endings."""
+    spec = fs.ModelSpec(VP, "epsilon")
+    for spacing in ("linspace", "trailing"):
+        sch = None
+        if name == "dpmpp_3m_sde":
+            cfg = fs.solvers.to_diffusers(name, spec, spacing, final=final).config
+            sch = FixedSDE3Scheduler.from_config(cfg)
+        _check(name, spec, nfe, spacing, final=final, scheduler=sch)
+
+
 @pytest.mark.parametrize("name,opts", [("dpmpp_3m", {}), ("dpmpp_2m", dict(solver_type="heun")),
                                        ("dpmpp_2m_sde", dict(solver_type="heun"))])
 def test_zero_length_last_step_is_identity(name, opts):
@@ -215,6 +230,8 @@ def test_order_schedules():
     assert multistep_orders(16, o3) == [1, 2] + [3] * 13 + [1]  # final="zero" forces first order
     o3s = fs.solvers.get("dpmpp_3m").options(final="sigma_min")
     assert multistep_orders(16, o3s) == [1, 2] + [3] * 14
+    assert multistep_orders(15, o3s) == [1, 2] + [3] * 13  # lower_order_final applies below 15 steps only
+    assert multistep_orders(14, o3s) == [1, 2] + [3] * 10 + [2, 1]
     o2s = fs.solvers.get("dpmpp_2s").options(order=3)
     assert singlestep_orders(7, o2s) == [1, 2, 3, 1, 2, 3, 1]
     assert singlestep_orders(5, o2s) == [1, 2, 3, 1, 1]

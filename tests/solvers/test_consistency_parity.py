@@ -178,12 +178,14 @@ def consistency_denoiser(x, sigma):
 
 @pytest.mark.parametrize("train_steps", [40, 18])
 @pytest.mark.parametrize("nfe", [1, 2, 3, 5])
-def test_cm_matches_cm_stochastic_iterative(monkeypatch, train_steps, nfe):
+@pytest.mark.parametrize("s_noise", [1.0, 0.7])
+def test_cm_matches_cm_stochastic_iterative(monkeypatch, train_steps, nfe, s_noise):
     spec = fs.ModelSpec(EDM(SMIN, SMAX, SDATA), "sample")
-    opts = dict(train_steps=train_steps, final="sigma_min")
+    opts = dict(train_steps=train_steps, final="sigma_min", s_noise=s_noise)
     prog = fs.solvers.build("cm", spec, nfe, **opts)
     sch = fs.solvers.to_diffusers("cm", spec, **opts)
     assert type(sch).__name__ == "CMStochasticIterativeScheduler" and not sch.config.clip_denoised
+    assert sch.config.s_noise == s_noise
     noise, zs = _randn(7), [_randn(600 + i) for i in range(nfe)]
     feed_noise(monkeypatch, cm_module, zs)
     ref, times = pipeline_loop(sch, consistency_net, noise, nfe)

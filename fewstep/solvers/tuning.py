@@ -47,7 +47,7 @@ from .program import StepProgram
 from .reference import run_reference
 from .schedules import EDM, DiscreteVP, Flow
 from .serialize import program_from_dict, program_to_dict
-from .spacing import Spacing
+from .spacing import Spacing, valid_spacings
 from .spec import ModelSpec
 
 __all__ = ["tune", "Tuned", "TunedFileError", "load_tuned", "METHODS", "DEFAULT_BUDGET"]
@@ -57,6 +57,7 @@ FORMAT, VERSION = "fewstep.tuned", 1
 DEFAULT_BUDGET = 600  # network calls (each on the whole calibration batch) for the search after the teacher
 TEACHER_SOLVER, TEACHER_NFE = "dpmpp_2m", 100
 _DMN_DIM = 16  # dimensions of the Gaussian data model of method="dmn"
+_N_STARTS = 3  # starting grids refined before the best of them continues
 _MIN_SPLIT = 2  # samples on each side of the calibration / held-out split
 
 
@@ -246,45 +247,66 @@ def _search(fn, base: StepProgram, solver, nfe, guidance, options, noise, cond, 
 
     before_cal = err(base, cal)
     calls0 = fn.calls
-    points = [c.point for c in teacher.calls] + [end_point(spec, str(base.options.get("final", "zero")))]
-    path = _gits(spec, points, xs, raws, target[cal], nfe)
-    sig0 = [points[i].sigma_tilde for i in path[:-1]]
-    cands = [(before_cal, base, [c.point.sigma_tilde for c in base.calls])]
-    dp_prog = _program_at(sig0, solver, spec, nfe, guidance, options, base)
-    if dp_prog is not None:
-        cands.append((err(dp_prog, cal), dp_prog, sig0))
-    best_err, best, sig = min(cands, key=lambda c: c[0])
-    say(f"fs.tune: calibration error untuned {before_cal:.4g}, GITS grid "
-        f"{cands[-1][0] if dp_prog is not None else float('nan'):.4g}; refining")
-    cache: dict[tuple, float] = {}
-    u = [math.log(s) for s in sig]
     limit = calls0 + budget
+    points = [c.point for c in teacher.calls] + [end_point(spec, str(base.options.get("final", "zero")))]
+    sig_max = points[0].sigma_tilde  # no call above the schedule's start (where the teacher starts)
+    cache: dict[tuple, float] = {base.timesteps: before_cal}
 
-    def objective(uu: list[float]) -> tuple[float, StepProgram | None]:
-        prog = _program_at([math.exp(v) for v in uu], solver, spec, nfe, guidance, options, base)
+    def objective(sig: list[float]) -> tuple[float, StepProgram | None]:
+        prog = _program_at(sig, sig_max, solver, spec, nfe, guidance, options, base)
         if prog is None:
             return math.inf, None
-        key = prog.timesteps
-        if key not in cache:
-            cache[key] = err(prog, cal)
-        return cache[key], prog
+        if prog.timesteps not in cache:
+            cache[prog.timesteps] = err(prog, cal)
+        return cache[prog.timesteps], prog
 
-    delta = 0.2
-    share = 0.5 if fit_coefficients else 1.0
-    while delta > 0.004 and fn.calls + 2 * nfe <= calls0 + share * budget:
-        moved = False
-        for k in range(1, nfe):  # the first call stays at the start of the schedule
-            for d in (-delta, delta):
-                if fn.calls + nfe > calls0 + share * budget:
-                    break
-                trial = list(u)
-                trial[k] += d
-                e, prog = objective(trial)
-                if e < best_err:
-                    best_err, best, u, moved = e, prog, trial, True
-                    break
-        if not moved:
-            delta /= 2
+    # starting points: the untuned grid, the GITS grids (start kept / free) and every fixed spacing of the
+    # solver (at most len(SPACINGS) + 2 runs)
+    paths = [_gits(spec, points, xs, raws, target[cal], nfe, free) for free in (False, True)]
+    starts = [[points[i].sigma_tilde for i in path[:-1]] for path in paths]
+    for sp in valid_spacings(spec):
+        if sp not in ("timesteps", "sigmas"):
+            try:
+                starts.append(list(build(solver, spec, nfe, sp, guidance_scale=guidance, **options).sigmas))
+            except ValueError:
+                continue
+    tried = [(before_cal, base, list(base.sigmas))]
+    for cand in starts:
+        if fn.calls + nfe > limit:
+            break
+        e, prog = objective(cand)
+        if prog is not None and all(prog.timesteps != p.timesteps for _, p, _ in tried):
+            tried.append((e, prog, cand))
+    tried.sort(key=lambda c: c[0])
+    say(f"fs.tune: calibration error untuned {before_cal:.4g}, best start {tried[0][0]:.4g} "
+        f"(timesteps {_ts(tried[0][1].timesteps)}); refining")
+
+    def descend(e, prog, u, delta, stop):
+        """Coordinate descent on the log-sigmas (the start too: a later first call can beat one huge first
+        step), halving the step when no move helps, until ``stop`` network calls."""
+        while delta > 0.004 and fn.calls + 2 * nfe <= stop:
+            moved = False
+            for k in range(nfe):
+                for d in (-delta, delta):
+                    if fn.calls + nfe > stop:
+                        break
+                    trial = list(u)
+                    trial[k] += d
+                    e_t, p_t = objective([math.exp(v) for v in trial])
+                    if e_t < e:
+                        e, prog, u, moved = e_t, p_t, trial, True
+                        break
+            if not moved:
+                delta /= 2
+        return e, prog, u, delta
+
+    # multi-start: the search space has several local minima (e.g. a grid that keeps the start vs one that
+    # starts later), so the best _N_STARTS starts get a short descent each, then the best continues
+    stop = calls0 + (0.5 if fit_coefficients else 1.0) * budget
+    runs = [(e, prog, [math.log(v) for v in sig], 0.2) for e, prog, sig in tried[:_N_STARTS]]
+    share = (stop - fn.calls) / (2 * len(runs))
+    runs = [descend(*r, fn.calls + share) for r in runs]
+    best_err, best, _, _ = descend(*min(runs, key=lambda r: r[0]), stop)
     after_grid = best_err
     mults = None
     if fit_coefficients:
@@ -344,12 +366,15 @@ def _scaled(prog: StepProgram, mults: list[float]) -> StepProgram:
 
 
 def _gits(spec: ModelSpec, points, xs: torch.Tensor, raws: torch.Tensor, end: torch.Tensor,
-          nfe: int) -> list[int]:
-    """Dynamic programme over the teacher's call points: ``nfe`` steps from point 0 to the end (the last
+          nfe: int, free_start: bool) -> list[int]:
+    """Dynamic programme over the teacher's call points: ``nfe`` steps from a start point to the end (the last
     index) minimising the summed squared distance of first-order (DDIM) steps taken from the teacher's states
-    to the teacher's states (GITS, Chen et al. 2024)."""
+    to the teacher's states (GITS, Chen et al. 2024).  With ``free_start`` the start may be any teacher point:
+    starting at point ``i`` costs the distance between the noise placed there (``sigma_i * noise``, as every
+    solver starts) and the teacher's state at ``i``."""
     n = len(points) - 1  # calls; index n is the end
     states = torch.cat([xs, end[None]]).flatten(1)
+    noise = states[0] / points[0].sigma
     cost = np.full((n + 1, n + 1), np.inf)
     for i in range(n):
         cx, co = spec.x0_coeffs(points[i])
@@ -363,6 +388,8 @@ def _gits(spec: ModelSpec, points, xs: torch.Tensor, raws: torch.Tensor, end: to
     best = np.full((nfe + 1, n + 1), np.inf)
     arg = np.zeros((nfe + 1, n + 1), dtype=np.int64)
     best[0, 0] = 0.0
+    if free_start:
+        best[0, 1:n] = [float(((points[i].sigma * noise - states[i]) ** 2).mean()) for i in range(1, n)]
     for s in range(1, nfe + 1):
         for j in range(1, n + 1):
             tot = best[s - 1, :j] + cost[:j, j]
@@ -375,10 +402,11 @@ def _gits(spec: ModelSpec, points, xs: torch.Tensor, raws: torch.Tensor, end: to
     return path[::-1]
 
 
-def _program_at(sig: list[float], solver, spec: ModelSpec, nfe, guidance, options,
+def _program_at(sig: list[float], sig_max: float, solver, spec: ModelSpec, nfe, guidance, options,
                 base) -> StepProgram | None:
-    """The solver built on call sigmas ``sig`` (decreasing), or None where they do not make a valid grid."""
-    if any(not (a > b > 0) for a, b in zip(sig, sig[1:])):
+    """The solver built on call sigmas ``sig`` (decreasing, none above ``sig_max``), or None where they do not
+    make a valid grid."""
+    if sig[0] > sig_max * (1 + 1e-9) or sig[-1] <= 0 or any(a <= b for a, b in zip(sig, sig[1:])):
         return None
     sched = spec.schedule
     if isinstance(sched, DiscreteVP):
@@ -386,7 +414,6 @@ def _program_at(sig: list[float], solver, spec: ModelSpec, nfe, guidance, option
             sp = Spacing("sigmas", values=[*sig, 0.0])
         else:
             ts = np.asarray(sched.timesteps_of_sigmas(np.asarray(sig)), dtype=np.float64)
-            ts[0] = base.calls[0].time  # the start stays where the untuned program starts
             if spec.time_input == "discrete":
                 ts = np.round(ts)
             if np.any(np.diff(ts) >= 0) or ts.min() < 0:
@@ -513,6 +540,10 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+def _ts(ts) -> str:
+    return "(" + ", ".join(f"{t:g}" for t in ts) + ")"
 
 
 def _progress(msg: str) -> None:

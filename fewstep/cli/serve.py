@@ -49,6 +49,8 @@ def _nonnegative_float(text: str) -> float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..serve.options import QUANT_MODES
+
     p.add_argument("--model", default="digits", help="the bundled model to serve (default: digits)")
     p.add_argument("--diffusers", metavar="DIR", default=None,
                    help="serve a local diffusers class-conditional DiT (pipeline or model directory) instead")
@@ -63,11 +65,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="plan calls a busy replica's next run may make from waiting requests (default: 1)")
     p.add_argument("--batch-wait-ms", type=_nonnegative_float, default=5.0,
                    help="how long a replica waits for more requests to merge (default: 5)")
-    p.add_argument("--solver", default="unipc", help="default solver of a request (default: unipc)")
-    p.add_argument("--nfe", type=positive_int_arg, default=8, help="default nfe of a request (default: 8)")
-    p.add_argument("--guidance", type=guidance_arg, default=1.5,
-                   help="default classifier-free guidance scale, >= 0; 0: off (default: 1.5)")
-    p.add_argument("--quant", choices=("fp8", "fp8-emulated"), default=None,
+    p.add_argument("--solver", default=None,
+                   help="default solver of a request (default: unipc, or \"tuned\" with --tuned)")
+    p.add_argument("--nfe", type=positive_int_arg, default=None,
+                   help="default nfe of a request (default: 8, or the tuned program's)")
+    p.add_argument("--guidance", type=guidance_arg, default=None,
+                   help="default classifier-free guidance scale, >= 0; 0: off (default: 1.5, or the tuned "
+                        "program's)")
+    p.add_argument("--tuned", metavar="FILE", default=None,
+                   help="a tuned program (fewstep tune) served as solver \"tuned\", the default")
+    p.add_argument("--quant", choices=QUANT_MODES, default=None,
                    help="quantize the network's linear layers (default: off)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="cpu, or cuda with one GPU per replica (default: cuda if this machine has one)")
@@ -95,7 +102,7 @@ def _options(args: argparse.Namespace):
     import fewstep as fs
     from fewstep.serve import ServeOptions
 
-    fs.solvers.get(args.solver)  # an unknown name lists the valid ones
+    solver, nfe, guidance, tuned = _default_program(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = args.model
     if args.diffusers is not None:
@@ -104,14 +111,15 @@ def _options(args: argparse.Namespace):
         name = Path(args.diffusers).resolve().name if args.model == "digits" else args.model
     elif args.scheduler_config is not None:
         raise ValueError("--scheduler-config applies only with --diffusers DIR")
-    if args.nfe > args.max_nfe:
-        raise ValueError(f"--nfe {args.nfe} exceeds --max-nfe {args.max_nfe}")
+    if nfe > args.max_nfe:
+        raise ValueError(f"--nfe {nfe} exceeds --max-nfe {args.max_nfe}")
     def resolved(path):
         return None if path is None else str(Path(path).resolve())
 
     options = ServeOptions(
         model=name, diffusers=resolved(args.diffusers), scheduler_config=resolved(args.scheduler_config),
-        solver=args.solver, nfe=args.nfe, guidance_scale=args.guidance, quant=args.quant, device=device,
+        solver=solver, nfe=nfe, guidance_scale=guidance, quant=args.quant, tuned=resolved(args.tuned),
+        device=device,
         replicas=args.replicas, cpus_per_replica=args.cpus_per_replica or 1.0, max_batch=args.max_batch,
         batch_calls=args.batch_calls, batch_wait_ms=args.batch_wait_ms, max_nfe=args.max_nfe,
         max_engines=args.max_engines, max_ongoing=args.max_ongoing, max_queued=args.max_queued,
@@ -119,8 +127,34 @@ def _options(args: argparse.Namespace):
     if args.diffusers is None:  # the program alone (milliseconds): an nfe the solver cannot take fails here
         from fewstep.models import digits
 
-        fs.solvers.build(options.solver, digits.digits_spec(), options.nfe, guidance_scale=options.guidance)
+        if tuned is not None:
+            fs.load_tuned(args.tuned, spec=digits.digits_spec())  # tuned for this model's spec
+        else:
+            fs.solvers.build(options.solver, digits.digits_spec(), options.nfe,
+                             guidance_scale=options.guidance)
     return options
+
+
+def _default_program(args: argparse.Namespace):
+    """(solver, nfe, guidance_scale, tuned) of a request that names none: the command line's, or the tuned
+    program's (whose nfe and guidance are fixed)."""
+    import fewstep as fs
+    from fewstep.serve.options import TUNED
+
+    if args.tuned is None:
+        solver = args.solver or "unipc"
+        fs.solvers.get(solver)  # an unknown name lists the valid ones
+        return (solver, 8 if args.nfe is None else args.nfe, 1.5 if args.guidance is None else args.guidance,
+                None)
+    tuned = fs.load_tuned(args.tuned)  # one line naming the file if it is not a tuned file
+    g = tuned.program.guidance_scale or 0.0
+    if args.solver not in (None, TUNED):
+        raise ValueError(f"--solver {args.solver}: with --tuned the default solver is {TUNED!r} (the tuned "
+                         f"{tuned.solver} program); other solvers stay available to requests")
+    for flag, given, fixed in (("--nfe", args.nfe, tuned.nfe), ("--guidance", args.guidance, g)):
+        if given is not None and given != fixed:
+            raise ValueError(f"{flag} {given:g}: {args.tuned} was tuned for {flag} {fixed:g}")
+    return TUNED, tuned.nfe, g, tuned
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -65,9 +65,7 @@ class FewstepDeployment:
             torch.set_num_threads(max(1, int(o.cpus_per_replica)))
         self.served = load_served_model(o)
         self.engines = EngineCache(self.served, o)
-        from ..solvers import available
-
-        self.solvers = tuple(available())
+        self.solvers = self.engines.solvers
         self.formats = tuple(FORMATS) if self.served.can_png else ("npy",)
         run = functools.partial(run_jobs, max_batch=o.max_batch, device=self.served.device)
         self._runner = PlanRunner(run, capacity=o.max_batch * o.batch_calls, executor=ThreadPoolExecutor(
@@ -87,6 +85,7 @@ class FewstepDeployment:
         return {"models": [dict(
             self.served.describe(),
             solvers=list(self.solvers),
+            tuned=None if self.engines.tuned is None else self.engines.tuned.summary(),
             defaults={"solver": o.solver, "nfe": o.nfe, "guidance_scale": o.guidance_scale, "format": "npy"},
             limits={"max_batch": o.max_batch, "max_nfe": o.max_nfe, "batch_wait_ms": o.batch_wait_ms,
                     "batch_calls": o.batch_calls,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .batching import bucket_sizes
-from .options import ServeOptions
+from .options import TUNED, ServeOptions
 
 __all__ = ["ServedModel", "load_served_model", "EngineCache"]
 
@@ -100,11 +100,24 @@ class EngineCache:
 
     Used from the replica's event loop only (no lock); a dropped Engine lives on in the batches that hold
     it.  Each Engine keeps up to ``max_batch`` plans: the buckets, and for stochastic solvers every request
-    size."""
+    size.  With ``options.tuned``, solver "tuned" is that file's program (read once, here; a file tuned for
+    another model spec is a :class:`fewstep.solvers.TunedFileError`)."""
 
     def __init__(self, served: ServedModel, options: ServeOptions):
         self.served, self.options = served, options
         self._engines: OrderedDict[tuple, Any] = OrderedDict()
+        self.tuned = None
+        if options.tuned is not None:
+            import fewstep as fs
+
+            self.tuned = fs.load_tuned(options.tuned, spec=served.spec)
+
+    @property
+    def solvers(self) -> tuple[str, ...]:
+        """The solver names requests may use: every registered solver, and "tuned" with a tuned file."""
+        from ..solvers import available
+
+        return (*available(), *((TUNED,) if self.tuned is not None else ()))
 
     def get(self, solver: str, nfe: int, guidance: float | None):
         """The Engine of this program, built on first use; a program the solver cannot build (an nfe beyond
@@ -117,9 +130,19 @@ class EngineCache:
             self._engines.move_to_end(key)
             return engine
         spacing = None
-        pipeline_spacing = getattr(self.served.model, "pipeline_spacing", None)
-        if pipeline_spacing is not None:  # the spacing diffusers' pipeline uses for this model (as `sample`)
-            spacing = pipeline_spacing(nfe, (1, *self.served.sample_shape))
+        if solver == TUNED:
+            if self.tuned is None:
+                raise ValueError("this server has no tuned program (start it with --tuned FILE)")
+            g = self.tuned.program.guidance_scale
+            if (nfe, guidance) != (self.tuned.nfe, g):
+                raise ValueError(f"the tuned program runs nfe={self.tuned.nfe}, guidance_scale={g or 0:g} "
+                                 f"(tuned {self.tuned.solver}); this request asks nfe={nfe}, "
+                                 f"guidance_scale={guidance or 0:g}")
+            solver = self.tuned
+        else:
+            pipeline_spacing = getattr(self.served.model, "pipeline_spacing", None)
+            if pipeline_spacing is not None:  # the spacing diffusers' pipeline uses for this model (`sample`)
+                spacing = pipeline_spacing(nfe, (1, *self.served.sample_shape))
         engine = fs.Engine(self.served.model, self.served.spec, solver=solver, nfe=nfe, spacing=spacing,
                            guidance_scale=guidance, max_plans=self.options.max_batch,
                            quant=self.options.quant, dtype=self.served.dtype)

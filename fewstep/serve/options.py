@@ -13,11 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ServeOptions", "MODELS", "DEVICES"]
+__all__ = ["ServeOptions", "MODELS", "DEVICES", "QUANT_MODES", "TUNED"]
 
 MODELS = ("digits",)  # bundled models; any other model comes from a local diffusers directory (``diffusers``)
 DEVICES = ("cpu", "cuda")
-QUANT_MODES = ("fp8", "fp8-emulated")
+QUANT_MODES = ("fp8", "fp8-emulated", "int4", "int4-emulated", "w4a8", "w4a8-emulated")
+TUNED = "tuned"  # the solver name of the --tuned program in requests
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,13 @@ class ServeOptions:
     nfe: int = 8
     # Classifier-free guidance scale, >= 0; 0: off.
     guidance_scale: float = 1.5
-    # The network's linear layers: None, "fp8" or "fp8-emulated" (see fewstep.quant.QuantConfig).
+    # The network's linear layers: None or a mode of fewstep.quant.QuantConfig ("fp8", "int4", "w4a8", and
+    # their "-emulated" forms).
     quant: str | None = None
+    # A tuned program's JSON file (``fs.tune`` / ``fewstep tune``), loaded on each replica (the path must
+    # exist on every machine that runs one): requests name it as solver "tuned", at the nfe and guidance it
+    # was tuned for.
+    tuned: str | None = None
     # "cpu" or "cuda" (one GPU per replica).
     device: str = "cpu"
     # Serve replicas of the deployment.
@@ -71,7 +77,7 @@ class ServeOptions:
 
     def __post_init__(self):
         _str("model", self.model)
-        for name in ("diffusers", "scheduler_config"):
+        for name in ("diffusers", "scheduler_config", "tuned"):
             v = getattr(self, name)
             if v is not None:
                 _str(name, v)
@@ -81,6 +87,8 @@ class ServeOptions:
         if self.scheduler_config is not None and self.diffusers is None:
             raise ValueError("ServeOptions.scheduler_config applies only with a diffusers directory")
         _str("solver", self.solver)
+        if self.solver == TUNED and self.tuned is None:
+            raise ValueError(f"ServeOptions.solver: {TUNED!r} needs a tuned file (ServeOptions.tuned)")
         for name, lo in (("nfe", 1), ("replicas", 1), ("max_batch", 1), ("batch_calls", 1), ("max_nfe", 1),
                          ("max_engines", 1), ("max_ongoing", 1), ("max_queued", 1)):
             v = getattr(self, name)

@@ -27,8 +27,10 @@ def _check(spec, nfe, spacing, *, guidance=None, eta=0.0, final="zero", seed=0):
         step_noise = [torch.randn(noise.shape, generator=g, dtype=torch.float64) for _ in range(nfe)]
     model = guided_toy_model if guidance is not None else toy_model
     assert prog.nfe == nfe
+    # measured 3.7e-6 over the grid below (float32 alphas_cumprod in diffusers); 2.7x margin
     assert_matches_diffusers(sch, prog, model, noise, nfe, guidance_scale=guidance, step_noise=step_noise,
-                             time_atol=1e-9, what=f"ddim {spacing.name} nfe={nfe} eta={eta} final={final}")
+                             rtol=1e-5, time_atol=1e-9,
+                             what=f"ddim {spacing.name} nfe={nfe} eta={eta} final={final}")
     return prog
 
 

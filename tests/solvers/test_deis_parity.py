@@ -58,7 +58,8 @@ def test_deis_matches_diffusers(pred, spacing, nfe, opts):
     prog, ours, seen = _run(spec, sp, nfe, opts)
     assert len(seen) == prog.nfe == nfe == len(times)
     assert seen == pytest.approx(times, abs=1e-3)
-    assert rel_err(ours, ref) <= 1e-5
+    # measured 8.7e-14 (float64 tables on both sides); 11x margin
+    assert rel_err(ours, ref) <= 1e-12
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
@@ -82,7 +83,8 @@ def test_deis_sigma_spacings_do_not_waste_a_call(pred, spacing, nfe, opts):
     assert all(a > b for a, b in zip(prog.sigmas, prog.sigmas[1:]))
     assert "O_c" in prog.stages[-1].rows()["x"]  # the last call moves the sample
     assert seen == pytest.approx(times[:-1], abs=1e-3)
-    assert rel_err(ours, ref) <= 1e-5
+    # measured 7.7e-13 (float64 tables on both sides); 6x margin
+    assert rel_err(ours, ref) <= 5e-12
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
@@ -93,7 +95,8 @@ def test_deis_default_matches_float32_diffusers(pred, spacing):
     sch = fs.solvers.to_diffusers("deis", spec, spacing, final="sigma_min")
     ref, _ = diffusers_sample(sch, toy_model, _noise(6), 6)
     _, ours, _ = _run(spec, spacing, 6, dict(final="sigma_min"))
-    assert rel_err(ours, ref) <= 1e-5
+    # measured 7.0e-7 (float32 diffusers tables); 4x margin
+    assert rel_err(ours, ref) <= 3e-6
 
 
 def test_deis_guidance_matches_diffusers():
@@ -103,7 +106,8 @@ def test_deis_guidance_matches_diffusers():
     ref, _ = diffusers_sample(sch, guided_toy_model, _noise(5), 5, guidance_scale=3.0)
     _, ours, seen = _run(spec, "trailing", 5, opts, model=guided_toy_model, guidance_scale=3.0)
     assert len(seen) == 5
-    assert rel_err(ours, ref) <= 1e-5
+    # measured 3.8e-16 (float64); 25x margin for another libm
+    assert rel_err(ours, ref) <= 1e-14
 
 
 @pytest.mark.parametrize("nodes", [(0.9,), (2.0, 5.0), (0.3, 0.8, 2.5), (1.0, 1.7, 4.0, 11.0)])
@@ -152,7 +156,8 @@ def test_deis_order1_is_ddim():
     sch = fs.solvers.to_diffusers("unipc", spec, "trailing", order=1, corrector=False)
     ref, _ = diffusers_sample(sch, toy_model, _noise(4), 4)
     _, ours, _ = _run(spec, "trailing", 4, dict(order=1))
-    assert rel_err(ours, ref) <= 1e-5
+    # measured 2.1e-7 (float32 diffusers tables); 5x margin
+    assert rel_err(ours, ref) <= 1e-6
 
 
 def test_deis_on_edm_and_flow_is_finite():

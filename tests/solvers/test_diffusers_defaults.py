@@ -69,8 +69,9 @@ def _check(name, sch, spec, what):
     noise = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
     zs = [torch.randn(noise.shape, generator=g, dtype=torch.float64) for _ in range(NFE)] \
         if prog.stochastic else None
+    # measured 3.7e-7 (dpmpp_2m; float32 diffusers tables); 5x margin
     assert_matches_diffusers(_reference(name, sch), prog, toy_model, noise, _steps(name, NFE), step_noise=zs,
-                             what=what)
+                             rtol=2e-6, what=what)
 
 
 def _cases():

@@ -45,8 +45,9 @@ def _check(name, spec, nfe, spacing, *, guidance=None, scheduler=None, seed=0, *
         step_noise = [torch.randn(noise.shape, generator=g, dtype=torch.float64) for _ in range(nfe)]
     model = guided_toy_model if guidance is not None else toy_model
     assert prog.nfe == nfe
+    # measured 3.4e-6 over these grids (float32 tables in diffusers, 3m at nfe 8); 3x margin
     assert_matches_diffusers(sch, prog, model, noise, nfe, guidance_scale=guidance, step_noise=step_noise,
-                             time_atol=1e-6, what=f"{name} {spacing} nfe={nfe} {opts}")
+                             rtol=1e-5, time_atol=1e-6, what=f"{name} {spacing} nfe={nfe} {opts}")
     return prog
 
 

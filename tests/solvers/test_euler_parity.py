@@ -29,7 +29,8 @@ def test_euler_matches_diffusers(pred, spacing, nfe):
     ours = fs.solvers.run_reference(prog, fn, noise)
     assert len(seen) == prog.nfe == nfe
     assert seen == pytest.approx(times, abs=1e-3)
-    assert rel_err(ours, ref) <= 1e-5
+    # measured 5.3e-7 (float32 diffusers sigmas); 6x margin
+    assert rel_err(ours, ref) <= 3e-6
 
 
 def test_euler_guidance_matches_diffusers():
@@ -39,4 +40,5 @@ def test_euler_guidance_matches_diffusers():
     noise = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     ref, _ = diffusers_sample(sch, guided_toy_model, noise, 5, guidance_scale=4.0)
     ours = fs.solvers.run_reference(prog, guided_toy_model, noise)
-    assert rel_err(ours, ref) <= 1e-5
+    # measured 3.7e-7 (float32 diffusers sigmas); 5x margin
+    assert rel_err(ours, ref) <= 2e-6

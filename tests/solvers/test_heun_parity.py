@@ -25,7 +25,9 @@ def _check(spec, spacing, steps, guidance=None, **set_kw):
     model = toy_model if guidance is None else guided_toy_model
     noise = _noise(steps)
     assert prog.nfe == nfe
-    assert_matches_diffusers(sch, prog, model, noise, steps, guidance_scale=guidance, what=f"heun {spacing}")
+    # measured 8.5e-7 (float32 diffusers sigmas); 4.7x margin
+    assert_matches_diffusers(sch, prog, model, noise, steps, rtol=4e-6, guidance_scale=guidance,
+                             what=f"heun {spacing}")
 
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])

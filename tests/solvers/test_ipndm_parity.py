@@ -40,6 +40,7 @@ def test_ipndm_grid_matches_diffusers(pred, nfe):
     ours = fs.solvers.run_reference(prog, fn, _noise(nfe))
     assert len(seen) == prog.nfe == nfe == len(times)
     assert seen == pytest.approx(times, abs=1e-6)
+    # measured 2.4e-6 (float32 diffusers sigmas, nfe 9); 4x margin
     assert rel_err(ours, ref) <= 1e-5
 
 
@@ -48,7 +49,8 @@ def test_ipndm_grid_guidance_matches_diffusers():
     sch = fs.solvers.to_diffusers("ipndm", spec, grid="ipndm")
     ref, _ = diffusers_sample(sch, guided_toy_model, _noise(6), 6, guidance_scale=5.0)
     prog = fs.solvers.build("ipndm", spec, 6, grid="ipndm", guidance_scale=5.0)
-    assert rel_err(fs.solvers.run_reference(prog, guided_toy_model, _noise(6)), ref) <= 1e-5
+    # measured 1.6e-7 (float32 diffusers sigmas); 6x margin
+    assert rel_err(fs.solvers.run_reference(prog, guided_toy_model, _noise(6)), ref) <= 1e-6
 
 
 def _kdiffusion_ipndm(spec, grid, model, noise, order):
@@ -81,7 +83,8 @@ def test_ipndm_matches_kdiffusion_loop(pred, spacing, order, nfe):
     ours = fs.solvers.run_reference(prog, fn, _noise(nfe))
     assert len(seen) == prog.nfe == nfe
     assert seen == pytest.approx([p.model_time for p in grid.points[:-1]])
-    assert rel_err(ours, ref) <= 1e-9
+    # measured 9.3e-15 (float64 on both sides); 11x margin
+    assert rel_err(ours, ref) <= 1e-13
 
 
 @pytest.mark.parametrize("spec, spacing", [(fs.ModelSpec(VP, "epsilon"), "karras"),

@@ -47,8 +47,8 @@ def test_int4_dit_layer_sqnr():
 
 @pytest.mark.slow
 def test_int4_dit_layer_sqnr_vs_torchao():
-    """fewstep's W4A16 weights against torchao's int4 weight-only numerics (default tinygemm parameters, and
-    HQQ) on the same DiT-XL/2 layers and inputs, group 128, all in bf16 as a GPU runs them."""
+    """fewstep's W4A16 weights against torchao's int4 weight-only numerics (its tinygemm format, and HQQ)
+    on the same DiT-XL/2 layers and inputs, group 128, all in bf16 as a GPU runs them."""
     pytest.importorskip("torchao")
     rows = int4.dit_layer_sqnr_vs_torchao()
     for r in rows:

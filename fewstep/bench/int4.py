@@ -156,7 +156,7 @@ class TorchaoSqnr:
     rtn_db: float  # fewstep round-to-nearest, symmetric (the default)
     rtn_zp_db: float  # fewstep round-to-nearest with zero points
     awq_db: float  # fewstep calibrated (AWQ search), symmetric
-    torchao_db: float  # torchao Int4WeightOnlyConfig's default numerics (tinygemm, asymmetric, float zero)
+    torchao_db: float  # torchao Int4WeightOnlyConfig, "tile_packed_to_4d" (tinygemm): asymmetric, float zero
     torchao_hqq_db: float  # the same with int4_choose_qparams_algorithm="hqq"
 
 

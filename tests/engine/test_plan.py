@@ -49,7 +49,9 @@ def test_plan_matches_run_reference(name, guidance):
     assert seen == pytest.approx(list(plan.timesteps), rel=1e-6)
     ref = fs.solvers.run_reference(prog, net, noise.double().cpu(), step_noise=plan.recorded_noise())
     assert out.dtype == torch.float32 and out.shape == SHAPE
-    assert _rel(out, ref) <= 1e-4
+    # measured <= 6.8e-7 (float32 state; guided dpmpp_2m_sde, where float32 run_reference measures 6.7e-7);
+    # 4x margin
+    assert _rel(out, ref) <= 3e-6
 
 
 @pytest.mark.parametrize("guidance", [None, 2.0])
@@ -64,7 +66,7 @@ def test_plan_with_triton_kernels(name, guidance):
     noise = _noise((1, 3, 2, 3))
     out = plan(noise, seed=11)
     ref = fs.solvers.run_reference(prog, net, noise.double().cpu(), step_noise=plan.recorded_noise())
-    assert _rel(out, ref) <= 1e-4
+    assert _rel(out, ref) <= 3e-6  # measured <= 5.1e-7 (float32 state, guided local_ab2); 6x margin
 
 
 def test_plan_noise_stages_independent_with_triton_kernels():
@@ -148,7 +150,7 @@ def test_conditioning_buffers():
             return _cond_net(x, torch.full((3,), t, dtype=x.dtype), y.cpu())
 
         ref = fs.solvers.run_reference(prog, ref_net, noise.double().cpu())
-        assert _rel(out, ref) <= 1e-5
+        assert _rel(out, ref) <= 1e-6  # measured 2.1e-7 (float32 state, 3 euler steps); 5x margin
     with pytest.raises(ValueError, match=r"cond\['class_labels'\] shape: expected \(3,\), got \(2,\)"):
         plan(noise, class_labels=labels[:2])
     with pytest.raises(ValueError, match=r"dtype: expected torch.int64, got torch.int32"):
@@ -232,7 +234,7 @@ def test_compile_network_on_cpu_warns_and_runs_eager():
                           compile_network=True)
     assert not plan.cuda_graph
     ref = fs.solvers.run_reference(plan.program, toy_net, _noise().double())
-    assert _rel(plan(_noise()), ref) <= 1e-5
+    assert _rel(plan(_noise()), ref) <= 1e-6  # measured 1.8e-7 (float32 state, 2 euler steps); 5x margin
 
 
 def test_describe_and_properties():

@@ -45,7 +45,7 @@ def test_matches_reference(btd, dtype):
     torch.testing.assert_close(s, sr, rtol=1e-5, atol=0)
     exact = _exact(x, shift, scale, 1e-6)
     k_db, r_db = sqnr_db(q.float() * s, exact), sqnr_db(qr.float() * sr, exact)
-    assert k_db >= r_db - 0.5 and k_db >= 25.0, (k_db, r_db)
+    assert k_db >= r_db - 0.5 and k_db >= 28.5, (k_db, r_db)  # measured 31.6-36.6 dB; 3 dB margin
 
 
 def test_static_scale():

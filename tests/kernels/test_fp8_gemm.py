@@ -1,8 +1,8 @@
 """fp8_gemm (tiled and persistent/TMA kernels, under TRITON_INTERPRET=1 on CPU) against fp8_gemm_ref.
 
 Both compute the same E4M3 products; under the interpreter both accumulate in fp32 and differ only in
-summation order and in the final rounding, so the floors are set by the output dtype: fp32 output >= 100 dB
-(about 2**-17 relative error, accumulation order), bf16 output >= 45 dB (bf16 keeps 8 bits: ~53 dB for one
+summation order and in the final rounding, so the floors are set by the output dtype: fp32 output >= 125 dB
+(measured >= 140.6 dB: accumulation order only), bf16 output >= 45 dB (bf16 keeps 8 bits: ~53 dB for one
 rounding).
 
 On a GPU the fp32-output floor comes from the hardware instead: Hopper's FP8 MMA keeps about 13-14 mantissa
@@ -43,7 +43,8 @@ pytestmark = pytest.mark.skipif(DEV == "cpu" and triton_version() <= (3, 6) and 
                                        ">= 2.4; use numpy < 2.4")
 TILED = INTERPRETER_CONFIG if ON_CPU else None
 PERSISTENT = Fp8GemmConfig(16, 32, 32, 2, num_warps=4, num_stages=1, persistent=True) if ON_CPU else None
-FLOOR = {torch.float32: 100.0, torch.bfloat16: 45.0}
+# fp32 output under the interpreter: measured >= 140.6 dB over this file's cases; 125 dB = 5.6x that error
+FLOOR = {torch.float32: 125.0 if ON_CPU else 100.0, torch.bfloat16: 45.0}
 ACC_BITS = 13  # mantissa bits Hopper's FP8 accumulator keeps (the pessimistic end of 13-14)
 
 
@@ -121,7 +122,7 @@ def test_against_float64_of_the_unquantized_product():
     wq, sw = quantize_fp8_ref(w)
     out = fp8_gemm(a, sa, wq, sw.reshape(-1).contiguous(), out_dtype=torch.bfloat16, config=TILED)
     exact = x.double() @ w.double().t()
-    assert sqnr_db(out, exact) >= 25.0
+    assert sqnr_db(out, exact) >= 26.5  # measured 29.8 dB; 3 dB margin (2x noise power)
 
 
 @pytest.mark.parametrize("config", ["tiled", "persistent"])

@@ -28,7 +28,7 @@ def test_dynamic_matches_reference(shape, dtype):
     assert torch.equal(_bits(q), _bits(qr))
     # each row uses the full E4M3 range, and dequantization is accurate
     assert torch.equal(q.float().abs().amax(dim=1), torch.full((shape[0],), E4M3_MAX, device=DEV))
-    assert sqnr_db(q.float() * s, x.float()) >= 25.0
+    assert sqnr_db(q.float() * s, x.float()) >= 29.0  # measured 32.1-48.9 dB; 3 dB margin
 
 
 def test_static_scale_saturates():

@@ -37,7 +37,7 @@ def test_dit_xl_2_shapes_dynamic_per_token(nk):
     q = FP8Linear.from_linear(lin, backend="emulated")
     out = q(x)
     assert out.dtype == torch.float32 and out.shape == ref.shape
-    assert sqnr_db(out, ref) >= 25.0
+    assert sqnr_db(out, ref) >= 26.0  # measured 29.1-29.2 dB; 3 dB margin (2x noise power)
 
 
 def test_triton_backend_matches_emulated():
@@ -49,9 +49,10 @@ def test_triton_backend_matches_emulated():
     assert a.shape == (2, 7, 96)
     # the same quantized numbers: fp32 summation order only on the CPU; on a GPU the FP8 MMA's ~13-bit
     # accumulator (see tests/kernels/test_fp8_gemm.py, whose simulation gives 60-90 dB on such shapes)
-    assert sqnr_db(a, b) >= (90.0 if DEV == "cpu" else 55.0)
+    # CPU: measured 145.8 dB; 130 dB = 5.6x that error.  GPU: not measured here
+    assert sqnr_db(a, b) >= (130.0 if DEV == "cpu" else 55.0)
     ref = torch.nn.functional.gelu(lin(x), approximate="tanh").detach()
-    assert sqnr_db(a, ref) >= 25.0
+    assert sqnr_db(a, ref) >= 26.0  # measured 29.3 dB; 3 dB margin (2x noise power)
     assert tri.configs  # the launch config was resolved on the first call and is kept
 
 
@@ -62,7 +63,7 @@ def test_static_scale(backend):
     q = FP8Linear.from_linear(lin, backend=backend)
     q.set_act_scale(x.abs().max().item() / 448.0)
     assert q.static
-    assert sqnr_db(q(x), lin(x).detach()) >= 20.0
+    assert sqnr_db(q(x), lin(x).detach()) >= 26.0  # measured 29.0 dB (both backends); 3 dB margin
     q.set_act_scale(x.abs().max().item() / 448.0 / 64)  # far too small: saturates, stays finite
     assert torch.isfinite(q(x)).all()
     with pytest.raises(ValueError, match="positive finite"):
@@ -75,7 +76,7 @@ def test_bf16_layer_keeps_its_dtype():
     x = activations(4, 64).to(DEV).bfloat16()
     out = q(x)
     assert out.dtype == torch.bfloat16
-    assert sqnr_db(out, lin(x).detach()) >= 25.0
+    assert sqnr_db(out, lin(x).detach()) >= 28.0  # measured 31.1 dB; 3 dB margin (2x noise power)
 
 
 def test_conv1x1():
@@ -85,7 +86,7 @@ def test_conv1x1():
     q = FP8Conv1x1.from_conv(conv, backend="emulated")
     out = q(x)
     assert out.shape == (2, 32, 5, 3)
-    assert sqnr_db(out, conv(x).detach()) >= 25.0
+    assert sqnr_db(out, conv(x).detach()) >= 26.5  # measured 29.9 dB; 3 dB margin (2x noise power)
 
 
 def test_bad_input():

@@ -10,8 +10,11 @@ the shapes and dtypes of the file's inputs.
 
 ``--dtype`` picks the network's dtype, ``--quant fp8-emulated`` (or ``fp8`` on an FP8 GPU) exports FP8
 layers as QuantizeLinear / DequantizeLinear (``--activation-scales static`` for calibrated scales, what
-TensorRT wants).  ``--trt`` then builds a TensorRT engine beside the file (``--engine PATH``); it needs the
-``tensorrt`` package and says so in one line if it is missing, before any work.  ``--verify`` runs the file on
+TensorRT wants); ``--quant int4-emulated`` / ``w4a8-emulated`` (``int4`` / ``w4a8`` on a GPU that runs them)
+exports INT4 weights as 4-bit initializers in a blocked DequantizeLinear (opset 21, the default for them),
+w4a8 with per-token float8 Q/DQ of the activations (``--int4-method rtn`` skips AWQ calibration).  ``--trt``
+then builds a TensorRT engine beside the file (``--engine PATH``); it needs the ``tensorrt`` package and says
+so in one line if it is missing, before any work.  ``--verify`` runs the file on
 onnxruntime and the torch plan on the same random inputs and prints their relative difference.
 
 Run the file with ``fewstep sample --backend onnxruntime FILE`` or ``fs.load_onnx(FILE)``.
@@ -27,7 +30,8 @@ from .checks import device as check_device
 from .checks import guidance_arg, guidance_or_none, int_at_least, positive_int_arg, writable_file
 
 DTYPES = ("float32", "float16", "bfloat16")
-QUANT = ("none", "fp8", "fp8-emulated")
+QUANT = ("none", "fp8", "fp8-emulated", "int4", "int4-emulated", "w4a8", "w4a8-emulated")
+OPSETS = (17, 21)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,10 +44,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int_arg, default=None,
                    help="images per call (default: 10 for the bundled model, 1 for --diffusers)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="network dtype (default: the model's)")
-    p.add_argument("--quant", choices=QUANT, default="none", help="FP8 layers as Q/DQ (default: none)")
+    p.add_argument("--quant", choices=QUANT, default="none",
+                   help="FP8 / INT4 layers as Q/DQ (default: none)")
     p.add_argument("--activation-scales", choices=("static", "dynamic"), default="static",
-                   help="with --quant: calibrated per-tensor (static, default) or per-token (dynamic) scales")
-    p.add_argument("--opset", type=int_at_least(17), default=19, help="ONNX opset, 17..20 (default: 19)")
+                   help="with --quant fp8: calibrated per-tensor (static, default) or per-token (dynamic) "
+                        "scales (w4a8 is always per token)")
+    p.add_argument("--int4-method", choices=("awq", "rtn"), default="awq",
+                   help="with --quant int4* / w4a8*: activation-aware calibration (awq, default) or "
+                        "round-to-nearest weights (rtn, no calibration runs)")
+    p.add_argument("--opset", type=int_at_least(17), default=None,
+                   help="ONNX opset, 17..21 (default: 21 for INT4 plans, else 19)")
     p.add_argument("--diffusers", metavar="PATH", default=None,
                    help="a local diffusers pipeline or model dir")
     p.add_argument("--scheduler-config", metavar="JSON", default=None,
@@ -75,9 +85,15 @@ def run(args: argparse.Namespace) -> int:
         engine = writable_file(args.engine or out.with_suffix(".engine"), "--engine")
     elif args.engine is not None:
         raise ValueError("--engine applies only with --trt")
-    if not 17 <= args.opset <= 20:
-        raise ValueError(f"--opset: expected 17..20, got {args.opset}")
     quant = None if args.quant == "none" else args.quant
+    int4 = quant is not None and quant.startswith(("int4", "w4a8"))
+    if args.opset is None:
+        args.opset = 21 if int4 else 19
+    if not OPSETS[0] <= args.opset <= OPSETS[1]:
+        raise ValueError(f"--opset: expected {OPSETS[0]}..{OPSETS[1]}, got {args.opset}")
+    if int4 and args.opset < 21:
+        raise ValueError(f"--quant {quant} exports INT4 weights in a blocked DequantizeLinear: needs --opset "
+                         f">= 21")
     if quant is not None and args.opset < 19:
         raise ValueError(f"--quant {quant} exports float8 QuantizeLinear / DequantizeLinear: needs --opset "
                          f">= 19")
@@ -118,8 +134,9 @@ def _dtype(name):
 def _plan_kw(args, quant):
     """fs.compile keywords shared by both models: quantization, and noise recording for --verify."""
     kw = {"record_noise": bool(args.verify)}
-    if quant is not None:
-        kw.update(quant=quant, quant_options={"activation_scales": args.activation_scales})
+    if quant is not None:  # INT4 layers quantize activations (w4a8) per token, whatever the option says
+        kw.update(quant=quant, quant_options={"activation_scales": args.activation_scales}
+                  if quant.startswith("fp8") else {"int4_method": args.int4_method})
     return kw
 
 

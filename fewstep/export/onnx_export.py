@@ -38,18 +38,19 @@ from typing import Any
 
 import torch
 
-from ..quant import FP8Linear
 from ..solvers import StepProgram, program_to_dict
 from .graph import sampler_graph
-from .qdq import MIN_OPSET as QDQ_MIN_OPSET
-from .qdq import qdq_layers
+from .qdq import int4_initializers, qdq_layers, quant_opset
 from .trace import STAGE_NOISE, ExportError, NetworkCall, extra_symbolics, network_module, trace_guard
 
 __all__ = ["export_plan", "export_network", "trace_network", "TracedNetwork", "ExportReport", "DEFAULT_OPSET",
            "OPSETS", "META_KEY", "FORMAT", "VERSION", "compact", "dtype_name"]
 
 DEFAULT_OPSET = 19  # the first with float8 QuantizeLinear / DequantizeLinear
-OPSETS = range(17, 21)  # LayerNormalization needs 17; 20 is the TorchScript exporter's newest
+OPSETS = range(17, 22)  # LayerNormalization needs 17; INT4 DequantizeLinear 21
+# The TorchScript exporter's newest: a 21 file is traced at 20, then declared 21.  Opset 21 changed only
+# GroupNormalization's meaning (which that exporter never emits); its other changes add types (4-bit ones).
+_TRACE_MAX_OPSET = 20
 META_KEY, FORMAT, VERSION = "fewstep.plan", "fewstep.onnx-plan", 1
 _EXTERNAL_BYTES = 1 << 30  # tensors above this total go to <file>.data (a protobuf holds at most 2 GB)
 _HOIST_BYTES = 256  # constants at least this large become (shared) initializers
@@ -65,7 +66,7 @@ class ExportReport:
     inputs: dict[str, tuple[tuple[int, ...], str]]
     nodes: int
     initializers: int
-    qdq_layers: int  # FP8 layers exported as QuantizeLinear / DequantizeLinear
+    qdq_layers: int  # FP8 / INT4 layers exported as QuantizeLinear / DequantizeLinear
     seconds: float
 
     @property
@@ -78,12 +79,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _check_opset(opset: Any, quantized: bool) -> int:
+def _check_opset(opset: Any, need: tuple[int, str] | None) -> int:
+    """``need``: :func:`~.qdq.quant_opset`'s (lowest opset, why) for a quantized network, or None."""
     if isinstance(opset, bool) or not isinstance(opset, int) or opset not in OPSETS:
         raise ValueError(f"opset: expected an int in {OPSETS.start}..{OPSETS.stop - 1}, got {opset!r}")
-    if quantized and opset < QDQ_MIN_OPSET:
-        raise ValueError(f"opset {opset}: a quantized plan exports float8 QuantizeLinear / DequantizeLinear, "
-                         f"which need opset >= {QDQ_MIN_OPSET}")
+    if need is not None and opset < need[0]:
+        raise ValueError(f"opset {opset}: a quantized plan exports {need[1]}, which need opset >= {need[0]}")
     return opset
 
 
@@ -115,14 +116,17 @@ def trace_network(model: Callable[..., torch.Tensor], *, x: torch.Tensor, t: tor
     dependent control flow or an op torch.onnx cannot convert."""
     onnx = _onnx()
     net = network_module(model)
-    quantized = net is not None and any(isinstance(m, FP8Linear) for m in net.modules())
-    opset = _check_opset(opset, quantized)
+    opset = _check_opset(opset, quant_opset(net))
     with tempfile.TemporaryDirectory(prefix=".fewstep-trace-") as tmp:
         path = Path(tmp) / "network.onnx"
         with qdq_layers(net) as n_qdq:
             _torch_export(NetworkCall(model, list(cond)), (x, t, *cond.values()), path, ["x", "t", *cond],
-                          opset)
+                          min(opset, _TRACE_MAX_OPSET))
         m = onnx.load(str(path))
+    int4_initializers(m)
+    for op in m.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            op.version = opset
     compact(m)
     cond_spec = {k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in cond.items()}
     return TracedNetwork(model=m, x=(tuple(x.shape), dtype_name(x.dtype)), cond=cond_spec, opset=opset,
@@ -140,7 +144,8 @@ def export_plan(model: Callable[..., torch.Tensor], program: StepProgram, path, 
     onnx = _onnx()
     path = Path(path)
     net = network_module(model)
-    opset = _check_opset(opset, quant is not None)
+    mode = None if quant is None else getattr(quant, "mode", str(quant))
+    opset = _check_opset(opset, quant_opset(net, mode))
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: directory {path.parent} does not exist")
     t0 = time.perf_counter()

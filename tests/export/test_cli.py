@@ -39,6 +39,22 @@ def test_export_prints_the_verification(tmp_path, capsys):
     assert diff <= 1e-4
 
 
+def test_export_int4_emulated(tmp_path, capsys):
+    """--quant int4-emulated: INT4 initializers in blocked DequantizeLinear at opset 21 (its default), the
+    file within 2e-5 of the plan (test_int4.py measured 1e-6 .. 2e-6 on the whole sample)."""
+    import onnx
+
+    out = tmp_path / "int4.onnx"
+    assert cli.main(["export", "--quant", "int4-emulated", "--int4-method", "rtn", "--solver", "ddim",
+                     "--nfe", "2", "--guidance", "2", "--batch", "2", "--out", str(out), "--verify"]) == 0
+    diff = float(re.search(r"relative difference ([0-9.e+-]+)", capsys.readouterr().out)[1])
+    assert diff <= 2e-5
+    m = onnx.load(str(out))
+    assert {o.domain: o.version for o in m.opset_import} == {"": 21}
+    assert sum(i.data_type == onnx.TensorProto.INT4 for i in m.graph.initializer) == 16
+    assert fs.load_onnx(out).info["quant"] == "int4-emulated"
+
+
 def test_sample_with_the_onnxruntime_backend(digits_file, tmp_path, capsys):
     from PIL import Image
 
@@ -105,7 +121,8 @@ def test_export_errors_before_any_work(tmp_path, capsys, monkeypatch, no_model_l
     _fails(["export", "--out", str(tmp_path / "p.txt")], capsys, "ending in .onnx")
     _fails(["export", "--solver", "nope", "--out", out], capsys, "nope")
     _fails(["export", "--quant", "fp8-emulated", "--opset", "18", "--out", out], capsys, "--opset >= 19")
-    _fails(["export", "--opset", "21", "--out", out], capsys, "--opset: expected 17..20")
+    _fails(["export", "--opset", "22", "--out", out], capsys, "--opset: expected 17..21")
+    _fails(["export", "--quant", "int4-emulated", "--opset", "20", "--out", out], capsys, "--opset >= 21")
     _fails(["export", "--cond", str(tmp_path / "c.npz"), "--out", out], capsys, "only with --diffusers")
     _fails(["export", "--engine", str(tmp_path / "e"), "--out", out], capsys, "applies only with --trt")
     _fails(["export", "--dtype", "int8", "--out", out], capsys, "invalid choice")

@@ -74,7 +74,8 @@ def test_declared_equivalent_matches(monkeypatch, name, spec):
         step_noise = None
     ref, _ = diffusers_sample(sch, toy_model, noise, _steps(name, nfe), step_noise=step_noise)
     ours = fs.solvers.run_reference(prog, toy_model, noise, step_noise=zs)
-    assert rel_err(ours, ref) <= 1e-5
+    # measured <= 5.9e-7 (float32 diffusers tables), except heun-vp-v at 7.2e-6; 4-5x margins
+    assert rel_err(ours, ref) <= (3e-5 if name == "heun" else 3e-6)
 
 
 @pytest.mark.parametrize("name,spec,spacing,opts,match", [

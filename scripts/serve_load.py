@@ -214,6 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="throughput rounds per server, alternating (median)")
     p.add_argument("--max-batch", type=int, default=None,
                    help="the merging server's --max-batch (default: fewstep serve's)")
+    p.add_argument("--cpus-per-replica", type=float, default=None,
+                   help="both servers' --cpus-per-replica (the replica's torch threads; default: serve's)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "benchmarks" / "results"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # the oracle shares this 2-core machine with the server
@@ -221,10 +223,12 @@ def main(argv=None) -> int:
 
     settings = {"requests": args.requests, "clients": args.clients, "solver": "unipc", "nfe": 8,
                 "guidance_scale": 1.5, "max_batch": args.max_batch or ServeOptions().max_batch,
+                "cpus_per_replica": args.cpus_per_replica or ServeOptions().cpus_per_replica,
                 "throughput_requests": args.throughput_requests, "rounds": args.rounds,
                 "tolerance_rel": REL_TOL}
     result = {"environment": environment(), "settings": settings}
-    merging_flags = () if args.max_batch is None else ("--max-batch", str(args.max_batch))
+    cpu_flags = () if args.cpus_per_replica is None else ("--cpus-per-replica", str(args.cpus_per_replica))
+    merging_flags = (() if args.max_batch is None else ("--max-batch", str(args.max_batch))) + cpu_flags
     print(f"starting fewstep serve {' '.join(merging_flags)} ...", flush=True)
     server = Server(*merging_flags)
     single = None
@@ -246,7 +250,7 @@ def main(argv=None) -> int:
         print(f"replica killed under load: {result['fault']}", flush=True)
         # the second server only now: the fault phase finds the server's Ray as the newest local cluster
         print("starting fewstep serve --max-batch 1 ...", flush=True)
-        single = Server("--max-batch", "1")
+        single = Server("--max-batch", "1", *cpu_flags)
         result["startup_s_max_batch_1"] = single.startup_s
         # rounds alternate between the two servers so that other load on the machine hits both alike
         rounds = {"throughput_merged": [], "throughput_one_at_a_time": []}

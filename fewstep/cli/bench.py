@@ -1,5 +1,5 @@
-"""``fewstep bench``: the fused solver step and whole samples against diffusers, or (``--quant fp8``) the FP8
-layers; the benchmark functions live in :mod:`fewstep.bench`."""
+"""``fewstep bench``: the fused solver step and whole samples against diffusers, or (``--quant fp8``,
+``int4``, ``w4a8``) the quantized layers; the benchmark functions live in :mod:`fewstep.bench`."""
 
 from __future__ import annotations
 
@@ -36,11 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results folder")
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("--quant", choices=("fp8", "int4", "w4a8"), default=None,
-                        help="benchmark FP8 layers instead (GEMM, fused producer, DiT-XL/2 forward, "
-                             "quality); int4 / w4a8: INT4 memory and per-layer quality (no GPU timings yet)")
+                        help="benchmark quantized layers instead: fp8 (GEMM, fused producer, DiT-XL/2 "
+                             "forward, quality); int4 / w4a8 (on CUDA: the W4A16 GEMM vs cuBLAS bf16 / the "
+                             "W4A8 GEMM vs the FP8 GEMM and the DiT-XL/2 forward vs FP8; on the CPU: INT4 "
+                             "memory and per-layer quality)")
     parser.add_argument("--fp8-what", default="all",
                         choices=("all", "gemm", "producer", "forward", "quality"),
                         help="with --quant fp8: which part (`quality` also runs on the CPU, emulated)")
+    parser.add_argument("--int4-what", default="all", choices=("all", "gemm", "forward", "quality"),
+                        help="with --quant int4 / w4a8: which part (gemm and forward need CUDA; quality: "
+                             "memory and per-layer SQNR, any device; all: gemm + forward + memory on CUDA, "
+                             "quality on the CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quant == "fp8":
         return _run_fp8(args, device, save)
     if args.quant in ("int4", "w4a8"):
-        return _run_int4(args)
+        return _run_int4(args, device, save)
     from ..bench import (
         DIT_TINY,
         DIT_XL_2,
@@ -143,16 +149,62 @@ def _check_writable(out: Path) -> None:
         raise ValueError(f"--out {out}: not a writable folder")
 
 
-def _run_int4(args: argparse.Namespace) -> int:
-    """``fewstep bench --quant int4|w4a8``: INT4 memory (DiT-XL/2, SD1.5 UNet) and, unless --dry-run, the
-    W4A16 per-layer SQNR on DiT-XL/2 (round-to-nearest vs AWQ).  The GEMM timings are not implemented."""
-    from ..bench.int4 import dit_layer_sqnr, memory_table
+def _run_int4(args: argparse.Namespace, device: torch.device, save: bool) -> int:
+    """``fewstep bench --quant int4|w4a8 [--int4-what gemm|forward|quality|all] [--dry-run]``.
 
+    On CUDA: the quant's GEMM (W4A16 vs cuBLAS bf16 at M 1 .. 4096, or W4A8 vs the FP8 GEMM at M >= 4096) on
+    DiT-XL/2 and Flux shapes, and the DiT-XL/2 batch-16 forward against FP8 (:mod:`fewstep.bench.int4_speed`),
+    plus the INT4 memory table.  On the CPU: the memory table and the W4A16 per-layer SQNR on DiT-XL/2
+    (round-to-nearest vs AWQ).  --dry-run: the memory table and every timing path on tiny shapes (on the CPU
+    the GEMMs run under the interpreter, TRITON_INTERPRET=1, and the forward emulated)."""
+    from ..bench import save_results
+    from ..bench.int4 import dit_layer_sqnr, memory_table
+    from ..bench.int4_speed import (
+        DIT_INT4_TINY,
+        INT4_GEMM_M,
+        W4A8_GEMM_M,
+        bench_int4_dit_forward,
+        bench_int4_gemm,
+        bench_w4a8_gemm,
+        format_int4_table,
+        gemm_shapes,
+    )
+
+    dry, what, quant = args.dry_run, args.int4_what, args.quant
+    cuda = device.type == "cuda"
+    if not cuda and not dry and what in ("gemm", "forward"):
+        raise ValueError(
+            f"fewstep bench --quant {quant} --int4-what {what} times GPU kernels: it needs a CUDA GPU (use "
+            f"--dry-run to exercise it on the CPU, or `--int4-what quality` for memory and per-layer SQNR)"
+        )
+    timed = cuda or dry
     for r in memory_table():
         print(f"{r.model:12s} group {r.group_size:3d}: {r.layers} INT4 layers at {r.layer_ratio:.3f}x their "
               f"bf16 bytes; whole model {r.model_int4_bytes / 2**20:.0f} MiB = {r.model_ratio:.3f}x bf16")
-    if not args.dry_run:
+    if what == "quality" or (what == "all" and not timed):
         for r in dit_layer_sqnr():
             print(f"{r.layer:40s} {str(r.shape):14s} RTN {r.rtn_db:6.2f} dB  AWQ {r.awq_db:6.2f} dB")
-    print(f"--quant {args.quant}: GPU GEMM timings are not measured by this command yet")
+    gemms, forwards = [], []
+    if timed and what in ("all", "gemm"):
+        if quant == "int4":
+            cases = ((16, "tiny", 64, 128),) if dry else tuple(
+                (m, model, n, k) for m in INT4_GEMM_M for model, n, k in gemm_shapes())
+            gemms = [bench_int4_gemm(m, n, k, device, group_size=64 if dry else 128, model=model)
+                     for m, model, n, k in cases]
+        else:
+            cases = ((48, "tiny", 64, 128),) if dry else tuple(
+                (m, model, n, k) for m in W4A8_GEMM_M for model, n, k in gemm_shapes())
+            gemms = [bench_w4a8_gemm(m, n, k, device, group_size=64 if dry else 128, model=model)
+                     for m, model, n, k in cases]
+    if timed and what in ("all", "forward"):
+        forwards = [bench_int4_dit_forward(
+            2 if dry else 16, device, mode=quant, config=DIT_INT4_TINY if dry else None,
+            group_size=32 if dry else 128, kernels=None if cuda else False)]
+    table = format_int4_table(gemms if quant == "int4" else (), gemms if quant == "w4a8" else (), forwards)
+    if table:
+        print(table)
+    if save:
+        for kind, res in ((f"{quant}_gemm", gemms), (f"{quant}_forward", forwards)):
+            if res:
+                print(f"wrote {save_results(kind, res, device, args.out)}")
     return 0

@@ -200,6 +200,13 @@ def tune(model: Callable[..., torch.Tensor], spec: ModelSpec, *, solver: str, nf
     if nfe < 2:
         raise ValueError(f"nfe={nfe}: tuning moves the grid between the first call and the end, which needs "
                          f"nfe >= 2")
+    if min(base.sigmas) <= 0 or _program_at(list(base.sigmas), base.sigmas[0], solver, spec, nfe,
+                                            guidance_scale, solver_options, base) is None:
+        # e.g. heun (two calls per step: its calls are not its grid) or ddim (its own spacings only): no
+        # candidate grid would ever build, and the search would hand back the untuned program
+        raise ValueError(f"cannot tune {solver}: fs.tune moves one network call per grid point, and {solver} "
+                         f"cannot be rebuilt on its own call points {_ts(base.timesteps)} (tune a solver "
+                         f"that takes any grid, e.g. dpmpp_2m, unipc, deis, ipndm or euler)")
     say = _progress if verbose else (lambda msg: None)
     t0 = time.perf_counter()
     if method == "dmn":

@@ -28,7 +28,7 @@ def test_tune_help(capsys):
     (["--method", "magic", "--out", "t.json"], "--method must be one of auto, timesteps"),
     (["--out", "t.txt"], "expected a file name ending in .json"),
     (["--solver", "nope", "--out", "t.json"], "nope"),
-    (["--samples", "3", "--out", "t.json"], "expected an integer >= 4, got 3"),
+    (["--samples", "7", "--out", "t.json"], "expected an integer >= 8, got 7"),
 ])
 def test_tune_bad_arguments(argv, msg, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -72,3 +72,64 @@ def test_accuracy_tuned_rows_beat_the_best_fixed_spacing():
         assert tuned["dpmpp_2m"][n] < row.errors[n]
     text = accuracy.format_tuned(table, tuned)
     assert "tuned" in text and row.spacing in text
+
+
+def test_tune_flags_for_a_diffusers_dir_need_one(capsys, tmp_path):
+    err = _error(capsys, ["tune", "--cond", "c.npz", "--out", str(tmp_path / "t.json")])
+    assert "--cond: only with --diffusers DIR" in err
+
+
+def test_tune_a_local_dit_pipeline_end_to_end(capsys, tmp_path):
+    pytest.importorskip("diffusers")
+    from .test_cli import _tiny_dit_pipeline  # a tiny DiT built here and saved to disk: nothing is downloaded
+
+    pipe = tmp_path / "pipe"
+    _tiny_dit_pipeline(pipe)
+    out = tmp_path / "t.json"
+    assert cli.main(["tune", "--diffusers", str(pipe), "--solver", "dpmpp_2m", "--nfe", "3", "--samples", "8",
+                     "--teacher-nfe", "8", "--budget", "12", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "wrote" in text and "held-out" in text
+    from fewstep.cli.diffusers_dir import load_diffusers_dir
+
+    net, sched, _ = load_diffusers_dir(pipe, None, "cpu")
+    model, spec = fs.models.from_diffusers(net, sched)
+    tuned = fs.load_tuned(out, spec=spec, solver="dpmpp_2m")  # tuned for this directory's schedule
+    r = tuned.report
+    assert tuned.nfe == 3 and r["calibration_samples"] + r["holdout_samples"] == 8
+    # teacher, untuned calibration error, budget, held-out error before / after
+    assert r["network_calls"] <= 8 + 3 + 12 + 2 * 3
+    base = fs.solvers.build("dpmpp_2m", spec, 3, guidance_scale=1.5)
+    if tuned.improved:
+        assert list(tuned.program.timesteps) == r["timesteps_after"] != list(base.timesteps)
+    else:
+        assert list(tuned.program.timesteps) == list(base.timesteps)
+    import torch
+
+    plan = fs.compile(model, spec, solver=tuned, nfe=3, shape=(2, 4, 8, 8), guidance_scale=1.5,
+                      cond={"class_labels": torch.tensor([1, 7])})
+    assert torch.isfinite(plan(torch.randn(2, 4, 8, 8), class_labels=torch.tensor([1, 7]))).all()
+    # a class-conditional DiT takes no --cond; a bare model directory needs its scheduler config
+    import numpy as np
+
+    np.savez(tmp_path / "c.npz", encoder_hidden_states=np.zeros((1, 3, 8), np.float32))
+    err = _error(capsys, ["tune", "--diffusers", str(pipe), "--cond", str(tmp_path / "c.npz"),
+                          "--out", str(tmp_path / "u.json")])
+    assert "DiTTransformer2DModel is class-conditional" in err
+    err = _error(capsys, ["tune", "--diffusers", str(pipe / "transformer"), "--out",
+                          str(tmp_path / "u.json")])
+    assert "needs --scheduler-config" in err
+
+
+def test_tune_the_bundled_model_end_to_end(capsys, tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("matplotlib")
+    out, plot = tmp_path / "t.json", tmp_path / "t.png"
+    assert cli.main(["tune", "--solver", "unipc", "--nfe", "3", "--samples", "8", "--teacher-nfe", "8",
+                     "--budget", "9", "--out", str(out), "--plot", str(plot)]) == 0
+    text = capsys.readouterr().out
+    tuned = fs.load_tuned(out, spec=digits.digits_spec(), solver="unipc")
+    assert tuned.nfe == 3 and tuned.program.guidance_scale == 1.5 and tuned.report["budget"] == 9
+    r = tuned.report
+    assert f"{r['holdout_before']:10.4g}" in text and f"{r['holdout_after']:10.4g}" in text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -11,18 +11,23 @@ the rest:
    against diffusers' eager loop and the network alone in one graph;
 3. ``fp8``: ``benchmarks/test_fp8.py`` (GEMM vs ``torch._scaled_mm`` and cuBLAS bf16, each output checked
    against ``_scaled_mm``; fused producer + GEMM; DiT-XL/2 batch-16 forward), as pytest-benchmark JSON;
-4. ``tune``: the FP8 GEMM launch configs timed per DiT-XL/2 layer with its real epilogue, recorded as data;
-5. ``bench-compiled``: the DiT-XL/2 sample with ``compile_network=True``, with the time that is left.
+4. ``int4``: the INT4 CUDA tests (``tests/quant/test_int4_plan.py``: INT4 / W4A8 plans and the Triton layers
+   against their emulation on the device), then the GPU cases of ``benchmarks/test_int4.py`` (W4A16 vs cuBLAS
+   bf16 on DiT-XL/2 and Flux shapes, W4A8 vs the FP8 GEMM, DiT-XL/2 batch-16 forward w4a8 vs fp8, every output
+   checked), as pytest-benchmark JSON;
+5. ``tune``: the FP8 GEMM launch configs timed per DiT-XL/2 layer with its real epilogue, recorded as data;
+6. ``bench-compiled``: the DiT-XL/2 sample with ``compile_network=True``, with the time that is left.
 
 Everything lands in one results folder (default ``benchmarks/results/<gpu>-<sha>/``): ``environment.json``,
-one JSON per step, ``pytest-benchmark-fp8.json``, ``summary.md`` (every README target: measured value, target,
-pass/fail) and ``logs/``.  A re-run into the same folder overwrites only files that gpu-check wrote there
-(listed in ``gpu-check-files.json``) and refuses to touch anything else.
+one JSON per step, ``pytest-benchmark-fp8.json``, ``pytest-benchmark-int4.json``, ``summary.md`` (every
+README target: measured value, target, pass/fail) and ``logs/``.  A re-run into the same folder overwrites
+only files that gpu-check wrote there (listed in ``gpu-check-files.json``) and refuses to touch anything else.
 
 Without a CUDA device the same steps run as a dry run (tiny shapes, CPU, the Triton interpreter), into a
 temporary folder unless ``--out`` is given, and the script prints ``gpu-check: dry run (no CUDA device)``.
 
-Usage: ``python scripts/gpu_check.py [--out DIR] [--budget SECONDS] [--dry-run] [--no-install]``.
+Usage: ``python scripts/gpu_check.py [--out DIR] [--budget SECONDS] [--dry-run] [--no-install] [--only STEP
+...]`` (``--only int4``: the INT4 measurements alone).
 """
 
 from __future__ import annotations
@@ -54,15 +59,19 @@ NEEDED = {"torch": "torch", "triton": "triton", "numpy": "numpy", "scipy": "scip
           "safetensors": "safetensors", "PIL": "pillow", "pytest": "pytest", "pytest_benchmark":
           "pytest-benchmark"}
 # seconds: (time limit on a GPU, time limit in a dry run, least time left to start it on a GPU)
-# (the five together fit the default 450 s budget: 8 minutes with the install; compile_network goes last and
-# gets what is left)
+# (the budget counts from the start, install included; the default 540 s keeps the whole run under the
+# 10 minutes one command may take on a lent GPU machine; compile_network goes last and gets what is left)
+# int4, NOT YET MEASURED: 56 GEMM cases at ~1 s each (two medians, a config sweep at 20 ms, the FP8 configs
+# tuned for W4A8), Triton compiles of 8 INT4 configs, the DiT-XL/2 forward 3 ways plus two emulated checks
 STEPS = {
     "tests": (140, 120, 60),
     "bench": (100, 120, 40),
     "fp8": (140, 120, 60),
+    "int4": (150, 120, 60),
     "tune": (45, 60, 20),
     "bench-compiled": (150, 60, 60),
 }
+DEFAULT_BUDGET = 540.0
 # the CUDA tests: plans in graphs, every FP8 kernel and layer on the hardware (not the CPU-only suites)
 # (tests/kernels/test_native.py is left out: it builds the optional C++/CUDA extension, minutes of nvcc)
 CUDA_TESTS = ("tests/engine/test_plan_cuda.py", "tests/kernels/test_fp8_gemm.py",
@@ -72,6 +81,9 @@ CUDA_TESTS = ("tests/engine/test_plan_cuda.py", "tests/kernels/test_fp8_gemm.py"
               "tests/quant/test_fp8_plan.py")
 # a dry run checks that the step runs at all, in seconds: the CUDA-only module (it skips)
 DRY_TESTS = ("tests/engine/test_plan_cuda.py",)
+# the INT4 tests that run on the device (the `int4` step): plans and the Triton layers vs their emulation;
+# tests/kernels/test_int4_gemm.py and tests/quant/test_int4_linear.py run CPU tensors under the interpreter
+INT4_CUDA_TESTS = ("tests/quant/test_int4_plan.py",)
 # DiT-XL/2 layers as (N, K, epilogue): the fused qkv and FF-in take bias (+ GELU for FF-in); attention out and
 # FF out take bias + the gated adaLN-Zero residual
 TUNE_LAYERS = ((3456, 1152, "bias"), (1152, 1152, "gated"), (4608, 1152, "bias_gelu"), (1152, 4608, "gated"))
@@ -87,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default benchmarks/results/<gpu>-<sha>)")
-    p.add_argument("--budget", type=float, default=450.0, help="seconds for all steps together")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="seconds for all steps together")
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU even where CUDA is")
     p.add_argument("--no-install", action="store_true", help="skip the offline install of fewstep and wheels")
     p.add_argument("--only", nargs="+", choices=tuple(STEPS), help="run only these steps")
@@ -229,10 +241,12 @@ class ResultsFolder:
 def run_step(name: str, writer: ResultsFolder, dry: bool, timeout: float) -> str:
     """Run one step in a child process (its own time limit); its output goes to logs/<name>.log."""
     log = writer.path(f"logs/{name}.log")
-    if name in ("tests", "fp8"):
+    if name in ("tests", "fp8", "int4"):
         writer.path(f"tests-{name}.xml")
-    if name == "fp8":
-        writer.path("pytest-benchmark-fp8.json")
+    if name in ("fp8", "int4"):
+        writer.path(f"pytest-benchmark-{name}.json")
+    if name == "int4":
+        writer.path("tests-int4-cuda.xml")
     writer.path(f"{name}.json")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--out", str(writer.root)]
     if dry:
@@ -273,7 +287,7 @@ def _run_step(name: str, out: Path, dry: bool) -> int:
 
     device = torch.device("cpu" if dry or not torch.cuda.is_available() else "cuda")
     return {"tests": _step_tests, "bench": _step_bench, "bench-compiled": _step_bench_compiled,
-            "fp8": _step_fp8, "tune": _step_tune}[name](out, device, dry)
+            "fp8": _step_fp8, "int4": _step_int4, "tune": _step_tune}[name](out, device, dry)
 
 
 def _pytest(out: Path, tag: str, paths, extra=()) -> int:
@@ -355,6 +369,50 @@ def _step_fp8(out: Path, device, dry: bool) -> int:
     return rc
 
 
+# benchmarks/test_int4.py's GPU tests -> the int4.json lists their rows go to
+INT4_BENCHMARKS = {"test_gpu_int4_gemm": "int4_gemm", "test_gpu_w4a8_gemm": "w4a8_gemm",
+                   "test_gpu_w4a8_dit_xl_2_forward": "w4a8_forward"}
+INT4_KINDS = tuple(INT4_BENCHMARKS.values())
+
+
+def _step_int4(out: Path, device, dry: bool) -> int:
+    if dry:  # the GPU cases skip without CUDA: the same functions, tiny, the GEMMs under the interpreter
+        from fewstep.bench.int4_speed import (
+            DIT_INT4_TINY,
+            bench_int4_dit_forward,
+            bench_int4_gemm,
+            bench_w4a8_gemm,
+        )
+
+        rows = {"int4_gemm": [_row(bench_int4_gemm(16, 64, 128, device, group_size=64, model="tiny"))],
+                "w4a8_gemm": [_row(bench_w4a8_gemm(48, 64, 128, device, group_size=64, model="tiny"))],
+                "w4a8_forward": [_row(bench_int4_dit_forward(2, device, config=DIT_INT4_TINY, group_size=32,
+                                                             kernels=False))]}
+        _dump(out / "int4.json", rows)
+        return 0
+    tests_rc = _pytest(out, "int4-cuda", INT4_CUDA_TESTS)
+    env = dict(os.environ, FEWSTEP_RESULTS_DIR=str(out))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
+           "benchmarks/test_int4.py", f"--junitxml={out}/tests-int4.xml",
+           f"--benchmark-json={out}/pytest-benchmark-int4.json"]
+    print("$", " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, cwd=ROOT, env=env)
+    bench_json = out / "pytest-benchmark-int4.json"
+    rows = int4_rows(json.loads(bench_json.read_text()) if bench_json.is_file() else {})
+    _dump(out / "int4.json", dict(rows, exit_code=rc, tests_exit_code=tests_rc))
+    return rc or tests_rc
+
+
+def int4_rows(benchmark_json: dict) -> dict[str, list]:
+    """The rows (pytest-benchmark ``extra_info``) of benchmarks/test_int4.py's GPU tests, by kind."""
+    rows: dict[str, list] = {kind: [] for kind in INT4_KINDS}
+    for b in benchmark_json.get("benchmarks", []):
+        kind = next((k for test, k in INT4_BENCHMARKS.items() if b["name"].startswith(test)), None)
+        if kind:
+            rows[kind].append(b.get("extra_info", {}))
+    return rows
+
+
 def _step_tune(out: Path, device, dry: bool) -> int:
     """Time every candidate launch config per DiT-XL/2 layer with the epilogue it runs in the network."""
     from fewstep.kernels.fp8_gemm import heuristic_config, resolve_config
@@ -375,7 +433,8 @@ def _step_tune(out: Path, device, dry: bool) -> int:
 
 def _row(r) -> dict:
     d = dataclasses.asdict(r)
-    for p in ("speedup", "overhead_ratio", "step_overhead_us", "vs_scaled_mm", "vs_bf16", "tflops", "ratio"):
+    for p in ("speedup", "overhead_ratio", "step_overhead_us", "vs_scaled_mm", "vs_bf16", "tflops", "ratio",
+              "target", "weight_gbps"):
         if hasattr(type(r), p):
             d[p] = getattr(r, p)
     return d
@@ -417,6 +476,35 @@ def targets(results: dict) -> list[tuple[str, float | None, str, bool | None]]:
     for r in fp8.get("fp8_forward", []):
         if r["batch"] == 16:
             rows.append(("FP8 DiT-XL/2 forward, batch 16 (ms)", r["fp8_ms"], "<= 6.7", r["fp8_ms"] <= 6.7))
+    rows += int4_targets(results.get("int4") or {})
+    return rows
+
+
+def int4_targets(int4: dict) -> list[tuple[str, float | None, str, bool | None]]:
+    """Issue 13's INT4 speed targets from the ``int4`` step's JSON, and the worst checked output per kind."""
+    rows = []
+    for r in int4.get("int4_gemm", []):
+        goal = 1.5 if r["m"] <= 64 else 0.9 if r["m"] >= 2048 else None
+        if goal is not None:
+            v = r["bf16_us"] / r["int4_us"]
+            rows.append((f"int4_gemm (W4A16) vs cuBLAS bf16, {r['model']} {r['m']}x{r['n']}x{r['k']} (x)", v,
+                         f">= {goal}", v >= goal))
+    for r in int4.get("w4a8_gemm", []):
+        if r["m"] >= 4096:
+            v = r["fp8_us"] / r["w4a8_us"]
+            rows.append((f"w4a8_gemm vs fewstep fp8_gemm, {r['model']} {r['m']}x{r['n']}x{r['k']} (x)", v,
+                         ">= 0.9", v >= 0.9))
+    for kind, name in (("int4_gemm", "int4_gemm"), ("w4a8_gemm", "w4a8_gemm")):
+        if int4.get(kind):
+            worst = min(r["sqnr_vs_ref_db"] for r in int4[kind])
+            rows.append((f"{name} output vs {name}_ref, worst of {len(int4[kind])} (dB)", worst, ">= 40",
+                         worst >= 40))
+    for r in int4.get("w4a8_forward", []):
+        if r["batch"] == 16:
+            v = r["int4_ms"] / r["fp8_ms"]
+            rows.append(("W4A8 / FP8 DiT-XL/2 forward time, batch 16 (x)", v, "<= 1.1", v <= 1.1))
+            d = r["int4_sqnr_db"] - r["int4_emulated_sqnr_db"]
+            rows.append(("W4A8 DiT-XL/2 forward SQNR minus its emulation's (dB)", d, ">= -1", d >= -1.0))
     return rows
 
 

@@ -102,3 +102,67 @@ def test_missing_package_is_one_line(monkeypatch):
     with pytest.raises(gc.CheckError) as e:
         gc.environment(dry=True)
     assert "diffusers is not installed" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_int4_step_has_a_budget_after_fp8_and_the_default_fits_one_command():
+    names = list(gc.STEPS)
+    assert names.index("int4") == names.index("fp8") + 1
+    limit, dry_limit, least = gc.STEPS["int4"]
+    assert 0 < least <= limit and dry_limit > 0
+    assert gc.DEFAULT_BUDGET < 600  # a lent GPU machine runs one command for at most 10 minutes
+
+
+def _int4_results():
+    gemm = {"model": "Flux", "n": 3072, "k": 3072, "group_size": 128, "sqnr_vs_ref_db": 50.0}
+    return {"int4_gemm": [dict(gemm, m=1, int4_us=10.0, bf16_us=16.0),  # 1.6x: met
+                          dict(gemm, m=64, int4_us=10.0, bf16_us=14.0),  # 1.4x: not
+                          dict(gemm, m=512, int4_us=10.0, bf16_us=1.0),  # no target at M = 512
+                          dict(gemm, m=4096, int4_us=100.0, bf16_us=89.0, sqnr_vs_ref_db=39.0)],  # 0.89x
+            "w4a8_gemm": [dict(gemm, m=4096, w4a8_us=100.0, fp8_us=95.0),
+                          dict(gemm, m=8192, w4a8_us=100.0, fp8_us=85.0)],
+            "w4a8_forward": [{"batch": 16, "fp8_ms": 10.0, "int4_ms": 10.9, "int4_sqnr_db": 20.0,
+                              "int4_emulated_sqnr_db": 21.5}]}
+
+
+def test_int4_targets_table_pass_and_fail():
+    rows = {what: (value, goal, ok) for what, value, goal, ok in gc.targets({"int4": _int4_results()})}
+    assert rows["int4_gemm (W4A16) vs cuBLAS bf16, Flux 1x3072x3072 (x)"] == (1.6, ">= 1.5", True)
+    assert rows["int4_gemm (W4A16) vs cuBLAS bf16, Flux 64x3072x3072 (x)"] == (1.4, ">= 1.5", False)
+    assert rows["int4_gemm (W4A16) vs cuBLAS bf16, Flux 4096x3072x3072 (x)"] == (0.89, ">= 0.9", False)
+    assert rows["w4a8_gemm vs fewstep fp8_gemm, Flux 4096x3072x3072 (x)"] == (0.95, ">= 0.9", True)
+    assert rows["w4a8_gemm vs fewstep fp8_gemm, Flux 8192x3072x3072 (x)"] == (0.85, ">= 0.9", False)
+    assert rows["int4_gemm output vs int4_gemm_ref, worst of 4 (dB)"] == (39.0, ">= 40", False)
+    assert rows["w4a8_gemm output vs w4a8_gemm_ref, worst of 2 (dB)"] == (50.0, ">= 40", True)
+    ratio, _, ok = rows["W4A8 / FP8 DiT-XL/2 forward time, batch 16 (x)"]
+    assert ratio == pytest.approx(1.09) and ok
+    assert rows["W4A8 DiT-XL/2 forward SQNR minus its emulation's (dB)"] == (-1.5, ">= -1", False)
+    assert len(rows) == 9  # not the M = 512 GEMM
+
+
+def test_int4_rows_from_pytest_benchmark_json():
+    data = {"benchmarks": [
+        {"name": "test_gpu_int4_gemm[1-DiT-XL2-N3456-K1152]", "extra_info": {"m": 1}},
+        {"name": "test_gpu_w4a8_gemm[4096-Flux-N3072-K3072]", "extra_info": {"m": 4096}},
+        {"name": "test_gpu_w4a8_dit_xl_2_forward_batch_16", "extra_info": {"batch": 16}},
+        {"name": "test_int4_memory", "extra_info": {}}]}
+    rows = gc.int4_rows(data)
+    assert rows == {"int4_gemm": [{"m": 1}], "w4a8_gemm": [{"m": 4096}], "w4a8_forward": [{"batch": 16}]}
+
+
+def test_int4_dry_step_writes_rows_the_summary_reads(tmp_path):
+    """The dry step's rows come from the same dataclasses as the GPU rows: every field int4_targets reads is
+    there (the tiny M = 16 GEMM has a target, so it makes a row)."""
+    pytest.importorskip("diffusers")
+    import torch
+
+    from fewstep.kernels.triton_support import interpreting
+
+    if torch.cuda.is_available() or not interpreting():
+        pytest.skip("the CPU dry run: TRITON_INTERPRET=1 (tests/conftest.py sets it without CUDA)")
+    assert gc._step_int4(tmp_path, torch.device("cpu"), True) == 0
+    results = json.loads((tmp_path / "int4.json").read_text())
+    assert all(len(results[k]) == 1 for k in gc.INT4_KINDS)
+    rows = {what: value for what, value, _, _ in gc.int4_targets(results)}
+    assert rows["int4_gemm (W4A16) vs cuBLAS bf16, tiny 16x64x128 (x)"] > 0
+    assert rows["int4_gemm output vs int4_gemm_ref, worst of 1 (dB)"] >= 40
+    assert rows["w4a8_gemm output vs w4a8_gemm_ref, worst of 1 (dB)"] >= 40

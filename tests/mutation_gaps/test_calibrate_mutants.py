@@ -69,6 +69,22 @@ def test_a_static_scale_tensor_keeps_its_address():
     assert net[0].act_scale is t and t.item() == pytest.approx(3.0 / 448, rel=1e-6)
 
 
+def test_finish_inside_the_context_fills_the_static_scale_tensor():
+    """finish() may run before the context exits (the layer's scale is then None, its tensor kept aside): the
+    static scale tensor captured plans read gets the new value in place, and stays after the exit."""
+    net = _net()
+    net[0].set_act_scale(0.5)
+    t = net[0].act_scale
+    with Calibrator(net, nfe=1) as cal:
+        assert net[0].act_scale is None  # dynamic scales while observing
+        x = torch.rand(4, 32) * 0.5
+        x[2, 3] = -3.0
+        cal.wrap(lambda v: net(v))(x)
+        cal.finish("max")
+        assert net[0].act_scale is t and t.item() == pytest.approx(3.0 / 448, rel=1e-6)
+    assert net[0].act_scale is t and t.item() == pytest.approx(3.0 / 448, rel=1e-6)
+
+
 def test_a_second_finish_fills_the_first_ones_tensor():
     net = _net()
     cal = _calibrate(net, [3.0])

@@ -106,6 +106,18 @@ def test_int4_forward_error(model):
     _save(f"int4_forward_error_{model}", [asdict(r) for r in rows])
 
 
+def _record(benchmark, kind: str, res, **derived) -> None:
+    """Keep a row for the results file and pytest-benchmark's JSON, and append it at once to the JSON-lines
+    file named by ``FEWSTEP_INT4_ROWS`` (gpu-check sets it): rows measured before a time-out are kept."""
+    RESULTS[kind].append(res)
+    row = dict(dataclasses.asdict(res), **derived)
+    benchmark.extra_info.update(row)
+    path = os.environ.get("FEWSTEP_INT4_ROWS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"kind": kind, **row}) + "\n")
+
+
 def _finite(*xs):
     return all(x is not None and 0 < x < math.inf for x in xs)
 
@@ -127,9 +139,7 @@ def test_gpu_int4_gemm(benchmark, m, shape):
     model, n, k = shape
     res = benchmark.pedantic(speed.bench_int4_gemm, args=(m, n, k, DEV), kwargs=dict(model=model), rounds=1,
                              iterations=1)
-    RESULTS["int4_gemm"].append(res)
-    benchmark.extra_info.update(dataclasses.asdict(res), speedup=res.speedup, target=res.target,
-                                weight_gbps=res.weight_gbps)
+    _record(benchmark, "int4_gemm", res, speedup=res.speedup, target=res.target, weight_gbps=res.weight_gbps)
     assert _finite(res.int4_us, res.bf16_us)
     assert res.sqnr_vs_ref_db >= speed.GEMM_SQNR_FLOOR_DB, res
     assert WEIGHT_ERROR_DB[0] < res.sqnr_vs_bf16_db < WEIGHT_ERROR_DB[1], res
@@ -142,8 +152,7 @@ def test_gpu_w4a8_gemm(benchmark, m, shape):
     model, n, k = shape
     res = benchmark.pedantic(speed.bench_w4a8_gemm, args=(m, n, k, DEV), kwargs=dict(model=model), rounds=1,
                              iterations=1)
-    RESULTS["w4a8_gemm"].append(res)
-    benchmark.extra_info.update(dataclasses.asdict(res), speedup=res.speedup, tflops=res.tflops)
+    _record(benchmark, "w4a8_gemm", res, speedup=res.speedup, tflops=res.tflops)
     assert _finite(res.w4a8_us, res.fp8_us)
     assert res.sqnr_vs_ref_db >= speed.GEMM_SQNR_FLOOR_DB, res
     assert res.fp8_sqnr_vs_ref_db >= speed.GEMM_SQNR_FLOOR_DB, res
@@ -155,8 +164,7 @@ def test_gpu_w4a8_gemm(benchmark, m, shape):
 def test_gpu_w4a8_dit_xl_2_forward_batch_16(benchmark):
     res = benchmark.pedantic(speed.bench_int4_dit_forward, args=(16, DEV), kwargs=dict(mode="w4a8"), rounds=1,
                              iterations=1)
-    RESULTS["w4a8_forward"].append(res)
-    benchmark.extra_info.update(dataclasses.asdict(res), ratio=res.ratio, speedup=res.speedup)
+    _record(benchmark, "w4a8_forward", res, ratio=res.ratio, speedup=res.speedup)
     assert _finite(res.bf16_ms, res.fp8_ms, res.int4_ms)
     assert res.mode == "w4a8"
     assert res.int4_sqnr_db >= res.int4_emulated_sqnr_db - speed.FORWARD_SQNR_MARGIN_DB, res

@@ -49,6 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / ".whl"
 MANIFEST = "gpu-check-files.json"
+INT4_ROWS = "int4-rows.jsonl"
 # what `make wheels` downloads and the install step installs offline: fewstep's run-time dependencies that
 # a GPU machine's Python may lack (never torch or triton: those are the machine's own)
 WHEEL_REQUIREMENTS = ("diffusers", "safetensors", "pillow", "numpy", "scipy", "huggingface_hub", "filelock",
@@ -61,13 +62,14 @@ NEEDED = {"torch": "torch", "triton": "triton", "numpy": "numpy", "scipy": "scip
 # seconds: (time limit on a GPU, time limit in a dry run, least time left to start it on a GPU)
 # (the budget counts from the start, install included; the default 540 s keeps the whole run under the
 # 10 minutes one command may take on a lent GPU machine; compile_network goes last and gets what is left)
-# int4, NOT YET MEASURED: 56 GEMM cases at ~1 s each (two medians, a config sweep at 20 ms, the FP8 configs
-# tuned for W4A8), Triton compiles of 8 INT4 configs, the DiT-XL/2 forward 3 ways plus two emulated checks
+# int4, NOT YET MEASURED: tests/quant/test_int4_plan.py (31 s on the 2-core CPU), then 56 GEMM cases at ~1 s
+# each (two medians, a config sweep at 20 ms, the FP8 configs tuned for W4A8), Triton compiles of 8 INT4
+# configs, the DiT-XL/2 forward 3 ways plus two emulated checks; rows are kept as they come (INT4_ROWS)
 STEPS = {
     "tests": (140, 120, 60),
     "bench": (100, 120, 40),
     "fp8": (140, 120, 60),
-    "int4": (150, 120, 60),
+    "int4": (180, 120, 60),
     "tune": (45, 60, 20),
     "bench-compiled": (150, 60, 60),
 }
@@ -247,7 +249,9 @@ def run_step(name: str, writer: ResultsFolder, dry: bool, timeout: float) -> str
         writer.path(f"pytest-benchmark-{name}.json")
     if name == "int4":
         writer.path("tests-int4-cuda.xml")
-    writer.path(f"{name}.json")
+        rows = writer.path(INT4_ROWS)
+        rows.unlink(missing_ok=True)  # appended to row by row: a re-run starts empty
+    writer.path(f"{name}.json").unlink(missing_ok=True)  # a step that times out leaves none, not an old one
     cmd = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--out", str(writer.root)]
     if dry:
         cmd.append("--dry-run")
@@ -369,10 +373,9 @@ def _step_fp8(out: Path, device, dry: bool) -> int:
     return rc
 
 
-# benchmarks/test_int4.py's GPU tests -> the int4.json lists their rows go to
-INT4_BENCHMARKS = {"test_gpu_int4_gemm": "int4_gemm", "test_gpu_w4a8_gemm": "w4a8_gemm",
-                   "test_gpu_w4a8_dit_xl_2_forward": "w4a8_forward"}
-INT4_KINDS = tuple(INT4_BENCHMARKS.values())
+# the kinds of row benchmarks/test_int4.py's GPU tests append to INT4_ROWS (FEWSTEP_INT4_ROWS), one JSON
+# object a line, as each case finishes: a time-out keeps what was measured (summary() reads the file then)
+INT4_KINDS = ("int4_gemm", "w4a8_gemm", "w4a8_forward")
 
 
 def _step_int4(out: Path, device, dry: bool) -> int:
@@ -391,25 +394,27 @@ def _step_int4(out: Path, device, dry: bool) -> int:
         _dump(out / "int4.json", rows)
         return 0
     tests_rc = _pytest(out, "int4-cuda", INT4_CUDA_TESTS)
-    env = dict(os.environ, FEWSTEP_RESULTS_DIR=str(out))
+    env = dict(os.environ, FEWSTEP_RESULTS_DIR=str(out), FEWSTEP_INT4_ROWS=str(out / INT4_ROWS))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
            "benchmarks/test_int4.py", f"--junitxml={out}/tests-int4.xml",
            f"--benchmark-json={out}/pytest-benchmark-int4.json"]
     print("$", " ".join(cmd), flush=True)
     rc = subprocess.call(cmd, cwd=ROOT, env=env)
-    bench_json = out / "pytest-benchmark-int4.json"
-    rows = int4_rows(json.loads(bench_json.read_text()) if bench_json.is_file() else {})
-    _dump(out / "int4.json", dict(rows, exit_code=rc, tests_exit_code=tests_rc))
+    _dump(out / "int4.json", dict(int4_rows(out / INT4_ROWS), exit_code=rc, tests_exit_code=tests_rc))
     return rc or tests_rc
 
 
-def int4_rows(benchmark_json: dict) -> dict[str, list]:
-    """The rows (pytest-benchmark ``extra_info``) of benchmarks/test_int4.py's GPU tests, by kind."""
+def int4_rows(path: Path) -> dict[str, list]:
+    """The rows benchmarks/test_int4.py's GPU tests appended to ``path`` (JSON lines), by kind."""
     rows: dict[str, list] = {kind: [] for kind in INT4_KINDS}
-    for b in benchmark_json.get("benchmarks", []):
-        kind = next((k for test, k in INT4_BENCHMARKS.items() if b["name"].startswith(test)), None)
-        if kind:
-            rows[kind].append(b.get("extra_info", {}))
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run killed while writing it
+            continue
+        if row.get("kind") in rows:
+            rows[row.pop("kind")].append(row)
     return rows
 
 
@@ -514,6 +519,8 @@ def summary(root: Path, env: dict, statuses: dict, dry: bool) -> str:
         p = root / f"{name}.json"
         if p.is_file() and name in statuses:
             results[name] = json.loads(p.read_text())
+        elif name == "int4" and name in statuses and (root / INT4_ROWS).is_file():  # timed out: rows so far
+            results[name] = int4_rows(root / INT4_ROWS)
     lines = [f"# gpu-check {env['git_sha'][:12]} on {env['gpu']}", "",
              f"driver {env['driver']}, CUDA {env['cuda']}, Python {env['python']}, torch {env['torch']}, "
              f"triton {env['triton']}, diffusers {env['diffusers']}, {env['time']}", ""]

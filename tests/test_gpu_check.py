@@ -139,14 +139,44 @@ def test_int4_targets_table_pass_and_fail():
     assert len(rows) == 9  # not the M = 512 GEMM
 
 
-def test_int4_rows_from_pytest_benchmark_json():
-    data = {"benchmarks": [
-        {"name": "test_gpu_int4_gemm[1-DiT-XL2-N3456-K1152]", "extra_info": {"m": 1}},
-        {"name": "test_gpu_w4a8_gemm[4096-Flux-N3072-K3072]", "extra_info": {"m": 4096}},
-        {"name": "test_gpu_w4a8_dit_xl_2_forward_batch_16", "extra_info": {"batch": 16}},
-        {"name": "test_int4_memory", "extra_info": {}}]}
-    rows = gc.int4_rows(data)
-    assert rows == {"int4_gemm": [{"m": 1}], "w4a8_gemm": [{"m": 4096}], "w4a8_forward": [{"batch": 16}]}
+def test_int4_rows_survive_a_time_out(tmp_path):
+    """benchmarks/test_int4.py appends each row as it is measured; after a time-out (no int4.json) the summary
+    reads the rows so far, and a line cut off mid-write is left out."""
+    lines = [{"kind": "int4_gemm", "model": "Flux", "m": 1, "n": 3072, "k": 3072, "int4_us": 10.0,
+              "bf16_us": 20.0, "sqnr_vs_ref_db": 50.0},
+             {"kind": "w4a8_gemm", "model": "Flux", "m": 4096, "n": 3072, "k": 3072, "w4a8_us": 10.0,
+              "fp8_us": 9.5, "sqnr_vs_ref_db": 50.0}]
+    (tmp_path / gc.INT4_ROWS).write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"kind": "int4_ge')
+    rows = gc.int4_rows(tmp_path / gc.INT4_ROWS)
+    assert rows["int4_gemm"] == [{k: v for k, v in lines[0].items() if k != "kind"}]
+    assert len(rows["w4a8_gemm"]) == 1 and rows["w4a8_forward"] == []
+    env = {"git_sha": "0" * 40, "gpu": "H100", "driver": "1", "cuda": "12", "python": "3", "torch": "t",
+           "triton": "x", "diffusers": "d", "time": "now"}
+    text = gc.summary(tmp_path, env, {"int4": "TIMEOUT after 150 s"}, dry=False)
+    assert "| int4_gemm (W4A16) vs cuBLAS bf16, Flux 1x3072x3072 (x) | 2 | >= 1.5 | pass |" in text
+    assert "| w4a8_gemm vs fewstep fp8_gemm, Flux 4096x3072x3072 (x) | 0.95 | >= 0.9 | pass |" in text
+
+
+def test_run_step_clears_the_step_json_before_it_runs(tmp_path, monkeypatch):
+    """A step that dies leaves no JSON behind: an earlier run's figures are never summarized as this one's."""
+    w = gc.ResultsFolder(tmp_path)
+    w.write_text("int4.json", "{}")
+    w.write_text(gc.INT4_ROWS, "{}\n")
+    w.save_manifest()
+
+    class Dies:
+        pid = 0
+
+        def __init__(self, *a, **k):
+            pass
+
+        def wait(self, timeout=None):
+            return 1
+
+    monkeypatch.setattr(gc.subprocess, "Popen", Dies)
+    status = gc.run_step("int4", gc.ResultsFolder(tmp_path), dry=True, timeout=1)
+    assert status.startswith("FAILED")
+    assert not (tmp_path / "int4.json").exists() and not (tmp_path / gc.INT4_ROWS).exists()
 
 
 def test_int4_dry_step_writes_rows_the_summary_reads(tmp_path):

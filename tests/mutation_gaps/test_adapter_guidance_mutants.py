@@ -18,6 +18,16 @@ def test_pair_casts_both_halves_to_the_network_dtype():
     assert _pair(cond, "text_embeds", 2, False, CPU, torch.float16).dtype == torch.float16
 
 
+def test_pair_casts_the_negative_half_to_a_narrower_dtype():
+    # torch.cat promotes mixed dtypes: a float32 negative beside a float16 positive would make the whole batch
+    # float32, so only a cast of each half gives the network its own dtype (and float16-rounded values)
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g)
+    out = _pair({"text_embeds": pos, "negative_text_embeds": neg}, "text_embeds", 2, True, CPU, torch.float16)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, torch.cat([neg.half(), pos.half()]), rtol=0, atol=0)
+
+
 def test_pair_moves_both_halves_to_the_network_device():
     # the meta device stands in for a GPU: conditioning given on the CPU must land where the network runs
     meta = torch.device("meta")

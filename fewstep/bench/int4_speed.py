@@ -192,11 +192,12 @@ def _operands(m: int, n: int, k: int, device: torch.device):
     return x, w
 
 
-def _config_sweep(kind: str, group_size: int, run, device: torch.device) -> tuple[float | None, str | None]:
-    """The fastest of ``INT4_GEMM_CONFIGS[kind]`` (block_k cut to the group) for ``run(config)``, on CUDA;
-    configs that do not fit the GPU (shared memory, registers) are left out."""
-    if device.type != "cuda":
-        return None, None
+def _config_sweep(kind: str, group_size: int, run, expect: torch.Tensor,
+                  device: torch.device) -> tuple[float | None, str | None]:
+    """``(microseconds, config)`` of the fastest of ``INT4_GEMM_CONFIGS[kind]`` (block_k cut to the group) for
+    ``run(config)``, each config's output checked against ``expect`` first (>= :data:`GEMM_SQNR_FLOOR_DB`);
+    configs that do not fit the GPU (shared memory, registers) are left out.  Evidence for the size heuristic
+    of :func:`~fewstep.kernels.int4_gemm.int4_config`, which nothing tunes yet."""
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
@@ -208,9 +209,10 @@ def _config_sweep(kind: str, group_size: int, run, device: torch.device) -> tupl
         if c.block_k > group_size:
             c = Fp8GemmConfig(c.block_m, c.block_n, group_size, c.group_m, c.num_warps, c.num_stages)
         try:
-            ms = median_ms(lambda c=c: run(c), device, rep_ms=20.0)
+            _check(f"{kind} config {c}", _sqnr_db(run(c), expect), GEMM_SQNR_FLOOR_DB)
         except (OutOfResources, CompilationError):
             continue
+        ms = median_ms(lambda c=c: run(c), device, rep_ms=20.0)
         if ms < best_ms:
             best, best_ms = c, ms
     return (best_ms * 1e3, str(best)) if best is not None else (None, None)
@@ -220,7 +222,7 @@ def bench_int4_gemm(m: int, n: int, k: int, device: torch.device, *, group_size:
                     model: str = "", sweep: bool = True) -> Int4GemmResult:
     """W4A16 (symmetric, bf16 scales, round-to-nearest) vs ``F.linear`` in bf16; the output checked against
     :func:`~fewstep.kernels.int4_gemm.int4_gemm_ref` (>= :data:`GEMM_SQNR_FLOOR_DB`).  sweep: also time every
-    candidate config (CUDA)."""
+    candidate config (CUDA; each output checked)."""
     from ..kernels.int4_gemm import int4_config, int4_gemm, int4_gemm_ref, quantize_int4_ref
 
     x, w = _operands(m, n, k, device)
@@ -228,15 +230,16 @@ def bench_int4_gemm(m: int, n: int, k: int, device: torch.device, *, group_size:
     cfg = int4_config("w4a16", m, group_size, device)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=device)
     got = int4_gemm(x, packed, scales, config=cfg, out=out).clone()
-    sqnr = _sqnr_db(got, int4_gemm_ref(x, packed, scales))
+    expect = int4_gemm_ref(x, packed, scales)
+    sqnr = _sqnr_db(got, expect)
     _check(f"int4_gemm {m}x{n}x{k} vs int4_gemm_ref", sqnr, GEMM_SQNR_FLOOR_DB)
     vs_bf16 = _sqnr_db(got, F.linear(x, w))
     int4_ms = median_ms(lambda: int4_gemm(x, packed, scales, config=cfg, out=out), device)
     bf16_ms = median_ms(lambda: F.linear(x, w), device)
-    def int4_with(c):
-        return int4_gemm(x, packed, scales, config=c, out=out)
-
-    best_us, best_cfg = _config_sweep("w4a16", group_size, int4_with, device) if sweep else (None, None)
+    best_us = best_cfg = None
+    if sweep and device.type == "cuda":
+        best_us, best_cfg = _config_sweep(
+            "w4a16", group_size, lambda c: int4_gemm(x, packed, scales, config=c, out=out), expect, device)
     return Int4GemmResult(_device_name(device), model, m, n, k, group_size, int4_ms * 1e3, bf16_ms * 1e3,
                           str(cfg), sqnr, vs_bf16, best_us, best_cfg)
 
@@ -260,17 +263,18 @@ def bench_w4a8_gemm(m: int, n: int, k: int, device: torch.device, *, group_size:
     out = torch.empty(m, n, dtype=torch.bfloat16, device=device)
     out8 = torch.empty_like(out)
     got = w4a8_gemm(a, sa, packed, scales, config=cfg, out=out).clone()
-    sqnr = _sqnr_db(got, w4a8_gemm_ref(a, sa, packed, scales))
+    expect = w4a8_gemm_ref(a, sa, packed, scales)
+    sqnr = _sqnr_db(got, expect)
     _check(f"w4a8_gemm {m}x{n}x{k} vs w4a8_gemm_ref", sqnr, GEMM_SQNR_FLOOR_DB)
     fp8_sqnr = _sqnr_db(fp8_gemm(a, sa, wq, sw, config=fp8_cfg, out=out8), fp8_gemm_ref(a, sa, wq, sw))
     _check(f"fp8_gemm {m}x{n}x{k} vs fp8_gemm_ref", fp8_sqnr, GEMM_SQNR_FLOOR_DB)
     vs_bf16 = _sqnr_db(got, F.linear(x, w))
     w4a8_ms = median_ms(lambda: w4a8_gemm(a, sa, packed, scales, config=cfg, out=out), device)
     fp8_ms = median_ms(lambda: fp8_gemm(a, sa, wq, sw, config=fp8_cfg, out=out8), device)
-    def w4a8_with(c):
-        return w4a8_gemm(a, sa, packed, scales, config=c, out=out)
-
-    best_us, best_cfg = _config_sweep("w4a8", group_size, w4a8_with, device) if sweep else (None, None)
+    best_us = best_cfg = None
+    if sweep and device.type == "cuda":
+        best_us, best_cfg = _config_sweep(
+            "w4a8", group_size, lambda c: w4a8_gemm(a, sa, packed, scales, config=c, out=out), expect, device)
     return W4a8GemmResult(_device_name(device), model, m, n, k, group_size, w4a8_ms * 1e3, fp8_ms * 1e3,
                           str(cfg), str(fp8_cfg), sqnr, fp8_sqnr, vs_bf16, best_us, best_cfg)
 

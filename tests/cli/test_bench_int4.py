@@ -100,3 +100,25 @@ def test_forward_check_fails_when_the_kernel_layers_are_wrong(monkeypatch):
 def test_bad_forward_mode():
     with pytest.raises(ValueError, match="mode must be 'w4a8' or 'int4'"):
         S.bench_int4_dit_forward(2, CPU, mode="fp8", config=S.DIT_INT4_TINY)
+
+
+def test_config_sweep_checks_every_candidate_and_picks_one():
+    """The CUDA-only sweep over INT4_GEMM_CONFIGS, run here under the interpreter: BLOCK_K cut to the group,
+    every candidate's output checked before it is timed."""
+    from fewstep.kernels.int4_gemm import INT4_GEMM_CONFIGS, int4_gemm_ref, quantize_int4_ref
+
+    x, w = S._operands(16, 64, 128, CPU)
+    packed, scales, _ = quantize_int4_ref(w, 32, scale_dtype=torch.bfloat16)
+    expect = int4_gemm_ref(x, packed, scales)
+    seen = []
+
+    def run(c):
+        seen.append(c)
+        return I.int4_gemm(x, packed, scales, config=c)
+
+    us, cfg = S._config_sweep("w4a16", 32, run, expect, CPU)
+    assert us > 0 and len({str(c) for c in seen}) == len(INT4_GEMM_CONFIGS["w4a16"])
+    assert all(c.block_k == 32 for c in seen) and cfg in {str(c) for c in seen}
+    bad = _swap_nibbles(packed)
+    with pytest.raises(RuntimeError, match="w4a16 config .* below the floor"):
+        S._config_sweep("w4a16", 32, lambda c: I.int4_gemm(x, bad, scales, config=c), expect, CPU)

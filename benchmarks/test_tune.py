@@ -2,17 +2,20 @@
 
 * Gaussian-mixture oracle (VP epsilon model, d=4, K=3): held-out RMS error against the exact ODE endpoint,
   tuned grid vs the best fixed spacing for the same solver, NFE 4-6.  Target: >= 1.5x lower.
-* Digits model (guidance 1.5): tuned NFE 4 / 6 vs the best fixed grid at NFE 6 / 8 (Frechet distance and
-  class accuracy on 500 samples, 50 per digit, noise and labels not used for tuning); tuning time.
+* Digits model (guidance 1.5): tuned NFE n vs the best fixed grid at NFE n + 2 (Frechet distance and class
+  accuracy on 500 samples, 50 per digit, noise and labels not used for tuning), each row's RMS distance to the
+  tuner's teacher on those 500 noises, and the tuning cost (wall and CPU seconds, load average, calls).
 
 Run: ``python -m pytest benchmarks/test_tune.py -s`` (digits: set FEWSTEP_BENCH_DIGITS=1; minutes on a CPU),
-or ``python benchmarks/test_tune.py gmm|digits``.
+or ``python benchmarks/test_tune.py gmm|digits`` (FEWSTEP_BENCH_THREADS=N: torch threads; FEWSTEP_BENCH_CACHE=
+FILE.json: rows measured so far, kept across runs).
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -79,8 +82,20 @@ def gmm_report(solvers=("dpmpp_2m", "unipc"), nfes=(4, 5, 6)) -> str:
     return head + "\n".join(lines) + f"\n\nSmallest gain: {min(ratios):.2f}x (target >= 1.5x).\n"
 
 
-def digits_report(nfes=(4, 6), fixed_solvers=("dpmpp_2m", "unipc"), n_cal=30, teacher_nfe=40,
-                  budget=200) -> str:
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, every torch thread included."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def digits_report(tuned_solvers=("unipc", "dpmpp_2m"), nfes=(4, 6, 8), fixed_solvers=("unipc", "dpmpp_2m"),
+                  n_cal=30, budget=None, cache: str | None = None, teacher_row: bool = True) -> str:
+    """Tuned rows (fs.tune's default budget and teacher unless given) against every fixed spacing of
+    ``fixed_solvers`` at NFE n and n + 2, all scored on the same 500 evaluation noises (seed 7, 50 per digit),
+    none of which is a calibration noise (seed 123).  ``cache``: a JSON file of rows already measured (rows in
+    it are not measured again)."""
+    import json
+
     from fewstep.models import digits, metrics
 
     dit, _ = digits.load_digits_dit()
@@ -91,35 +106,107 @@ def digits_report(nfes=(4, 6), fixed_solvers=("dpmpp_2m", "unipc"), n_cal=30, te
     calib_y = torch.arange(10).repeat(n_cal // 10 + 1)[:n_cal]
     ev_y = torch.arange(10).repeat_interleave(50)
     ev_x = torch.randn(500, *digits.SAMPLE_SHAPE, generator=torch.Generator().manual_seed(7))
+    rows: dict = json.loads(Path(cache).read_text()) if cache and Path(cache).is_file() else {}
 
-    def score(prog):
+    def keep(key, row):
+        rows[key] = row
+        print(key, row, file=sys.stderr, flush=True)
+        if cache:
+            Path(cache).write_text(json.dumps(rows, indent=1))
+
+    def endpoints(prog):
         fn = lambda x, t: model(x.float(), torch.full((x.shape[0],), t), class_labels=ev_y).double()  # noqa: E731
-        x = fs.solvers.run_reference(prog, fn, ev_x).float().clamp(-1, 1)
-        return metrics.class_accuracy(x, ev_y, clf), metrics.frechet_distance(x, classifier=clf)
+        return fs.solvers.run_reference(prog, fn, ev_x)
 
-    rows = []
-    for nfe in nfes:
-        t0 = time.perf_counter()
-        load0 = os.getloadavg()[0]
-        tu = fs.tune(model, spec, solver="dpmpp_2m", nfe=nfe, noise=calib, cond={"class_labels": calib_y},
-                     guidance_scale=g, method="timesteps", teacher_nfe=teacher_nfe, budget=budget)
-        secs = time.perf_counter() - t0
-        acc, fd = score(tu.program)
-        rows.append(f"| tuned dpmpp_2m | {nfe} | {acc:.3f} | {fd:.2f} | {secs:.0f} s (load {load0:.1f}), "
-                    f"{tu.report['network_calls']} calls, held-out {tu.report['holdout_before']:.4f} -> "
-                    f"{tu.report['holdout_after']:.4f}, timesteps {tu.program.timesteps} |")
-        print(rows[-1], file=sys.stderr, flush=True)
+    # the teacher fs.tune fits to, on the evaluation noise: each row's distance to it is its ODE error there
+    tu = fs.solvers.tuning
+    teacher_prog = fs.solvers.build(tu.TEACHER_SOLVER, spec, tu.TEACHER_NFE, "karras", guidance_scale=g)
+    teacher = endpoints(teacher_prog)
+
+    def score(prog, x=None) -> dict:
+        x = endpoints(prog) if x is None else x
+        xc = x.float().clamp(-1, 1)
+        return dict(acc=metrics.class_accuracy(xc, ev_y, clf),
+                    fd=metrics.frechet_distance(xc, classifier=clf),
+                    ode=float(((x - teacher) ** 2).mean().sqrt()), nfe=prog.nfe,
+                    timesteps=[round(t, 1) for t in prog.timesteps])
+
+    if teacher_row:
+        key = f"teacher {tu.TEACHER_SOLVER} karras {tu.TEACHER_NFE}"
+        if key not in rows:
+            # the teacher's own accuracy: its distance to another solver at NFE 50
+            other = endpoints(fs.solvers.build("unipc", spec, 50, "linspace", guidance_scale=g))
+            keep(key, dict(program=f"teacher: {tu.TEACHER_SOLVER}, karras", **score(teacher_prog, teacher),
+                           check=float(((other - teacher) ** 2).mean().sqrt())))
+    for solver in tuned_solvers:
+        for nfe in nfes:
+            key = f"tuned {solver} {nfe}"
+            if key in rows:
+                continue
+            load0, cpu0, t0 = os.getloadavg(), _cpu_seconds(), time.perf_counter()
+            tuned = fs.tune(model, spec, solver=solver, nfe=nfe, noise=calib, cond={"class_labels": calib_y},
+                            guidance_scale=g, budget=budget)
+            secs, cpu, load1 = time.perf_counter() - t0, _cpu_seconds() - cpu0, os.getloadavg()
+            r = tuned.report
+            keep(key, dict(program=f"tuned {solver} ({tuned.method})", **score(tuned.program), wall=secs,
+                           cpu=cpu, load=[load0[0], load1[0]], calls=r["network_calls"],
+                           before=r["holdout_before"], after=r["holdout_after"], improved=tuned.improved))
+    fixed_nfes = sorted(set(nfes) | {n + 2 for n in nfes})
     for solver in fixed_solvers:
-        for nfe in sorted(set(nfes) | {n + 2 for n in nfes}):
-            acc, fd = score(fs.solvers.build(solver, spec, nfe, guidance_scale=g))
-            rows.append(f"| {solver} (default grid) | {nfe} | {acc:.3f} | {fd:.2f} | |")
-            print(rows[-1], file=sys.stderr, flush=True)
+        for nfe in fixed_nfes:
+            for sp in FIXED:
+                key = f"{solver} {sp} {nfe}"
+                if key in rows:
+                    continue
+                try:
+                    prog = fs.solvers.build(solver, spec, nfe, sp, guidance_scale=g)
+                except ValueError:
+                    continue
+                keep(key, dict(program=f"{solver}, {sp}", **score(prog)))
+    return _digits_text(rows, nfes, n_cal, budget, g)
+
+
+def _digits_text(rows: dict, nfes, n_cal, budget, g) -> str:
+    def best_of(pick):  # the fixed row with the lowest Frechet distance per NFE among those ``pick`` keeps
+        out: dict = {}
+        for r in rows.values():
+            if pick(r) and r["acc"] >= 0.99 and (r["nfe"] not in out or r["fd"] < out[r["nfe"]]["fd"]):
+                out[r["nfe"]] = r
+        return out
+
+    best = best_of(lambda r: not r["program"].startswith(("tuned", "teacher")))
+    best_default = best_of(lambda r: r["program"].endswith(", linspace"))  # unipc's and dpmpp_2m's default
+    lines = ["| program | NFE | class acc | Frechet | RMS to teacher | tuning wall s / CPU s / load | calls "
+             "| held-out error before -> after | timesteps |", "|---|---|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for r in sorted(rows.values(), key=lambda r: (r["nfe"], not r["program"].startswith("tuned"), r["fd"])):
+        tune_cell = calls = held = ""
+        if r["program"].startswith("tuned"):
+            tune_cell = f"{r['wall']:.1f} / {r['cpu']:.1f} / {r['load'][0]:.1f}-{r['load'][1]:.1f}"
+            calls = str(r["calls"])
+            held = f"{r['before']:.4f} -> {r['after']:.4f}" + ("" if r["improved"] else " (untuned kept)")
+            for what, among in (("any fixed spacing", best), ("default grid", best_default)):
+                b = among.get(r["nfe"] + 2)
+                if b is not None:
+                    ok = r["fd"] <= b["fd"] and r["acc"] >= 0.99
+                    verdicts.append(f"{r['program']} NFE {r['nfe']}: Frechet {r['fd']:.2f}, class acc "
+                                    f"{r['acc']:.3f}; best {what} at NFE {r['nfe'] + 2}: {b['fd']:.2f} "
+                                    f"({b['program']}): {'met' if ok else 'NOT met'}")
+        mark = " (best fixed)" if best.get(r["nfe"]) is r else ""
+        ts = ", ".join(f"{t:g}" for t in r.get("timesteps", []))
+        if r["program"].startswith("teacher"):
+            ts, held = "", f"(unipc linspace NFE 50 is {r['check']:.2g} from it)"
+        lines.append(f"| {r['program']}{mark} | {r['nfe']} | {r['acc']:.3f} | {r['fd']:.2f} | "
+                     f"{r['ode']:.4f} | {tune_cell} | {calls} | {held} | {ts} |")
+    tu = fs.solvers.tuning
+    calls = budget if budget is not None else tu.DEFAULT_BUDGET
     head = (f"# fs.tune on the bundled digits model\n\nGuidance {g}; tuning on {n_cal} noises / labels (seed "
-            f"123, 25% held out), teacher dpmpp_2m NFE {teacher_nfe}, budget {budget} calls; evaluation on "
-            f"500 other noises (seed 7), 50 per digit, class accuracy by the bundled classifier and Frechet "
-            f"distance to the 1,797 real digits (as the README table).\n\nMachine: {_machine()}\n\n"
-            "| program | NFE | class acc | Frechet | tuning |\n|---|---|---|---|---|\n")
-    return head + "\n".join(rows) + "\n"
+            f"123, 25% held out by the guard), fs.tune's default method, teacher ({tu.TEACHER_SOLVER} NFE "
+            f"{tu.TEACHER_NFE}) and budget ({calls} calls); evaluation on 500 other noises (seed 7), 50 per "
+            f"digit, class accuracy by the bundled classifier and Frechet distance to the 1,797 real digits "
+            f"(as the README table).  Fixed rows: every spacing of {', '.join(FIXED)} the solver can build, "
+            f"on the same 500 noises.\n\nMachine: {_machine()}\n\n")
+    return head + "\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n"
 
 
 def _write(name: str, text: str) -> Path:
@@ -143,5 +230,8 @@ def test_digits_targets():
 
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "gmm"
-    text = gmm_report() if which == "gmm" else digits_report()
+    if which == "digits" and os.environ.get("FEWSTEP_BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["FEWSTEP_BENCH_THREADS"]))
+    cache = os.environ.get("FEWSTEP_BENCH_CACHE")
+    text = gmm_report() if which == "gmm" else digits_report(cache=cache)
     print(text, "\nwrote", _write(which, text))

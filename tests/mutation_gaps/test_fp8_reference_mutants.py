@@ -42,6 +42,18 @@ def test_adaln_quant_ref_default_eps_is_1e_6():
     assert torch.all(err <= 0.0625 * want.abs() + 1e-3 * want.abs().amax()), float(err.max())
 
 
+@pytest.mark.parametrize("eps", [1e-5, 1e-4])
+def test_adaln_quant_ref_passes_its_eps_on(eps):
+    # rows of variance ~1e-6: LayerNorm's output at eps 1e-5 / 1e-4 is ~2.3x / ~7x smaller than at 1e-6
+    x, shift, scale = _inputs(seed=2)
+    q, s = adaln_quant_ref(x, shift, scale, eps)
+    want = _modulate64(x, shift, scale, eps)
+    # dequantized FP8 within one step of the float64 value, as in the default-eps test above (measured:
+    # at most 0.87 of that bound; eps 1e-6 in place of the one given exceeds it 96x / 570x)
+    err = (q.float().double() * s.double() - want).abs()
+    assert torch.all(err <= 0.0625 * want.abs() + 1e-3 * want.abs().amax()), float(err.max())
+
+
 @pytest.mark.parametrize("act_scale", [torch.ones(2), torch.ones(1, dtype=torch.float64), 1.0])
 def test_adaln_quant_ref_checks_the_static_scale(act_scale):
     x, shift, scale = _inputs()

@@ -375,19 +375,22 @@ def _step_fp8(out: Path, device, dry: bool) -> int:
 
 # the kinds of row benchmarks/test_int4.py's GPU tests append to INT4_ROWS (FEWSTEP_INT4_ROWS), one JSON
 # object a line, as each case finishes: a time-out keeps what was measured (summary() reads the file then)
-INT4_KINDS = ("int4_gemm", "w4a8_gemm", "w4a8_forward")
+INT4_KINDS = ("int4_kernels", "int4_gemm", "w4a8_gemm", "w4a8_forward")
 
 
 def _step_int4(out: Path, device, dry: bool) -> int:
     if dry:  # the GPU cases skip without CUDA: the same functions, tiny, the GEMMs under the interpreter
         from fewstep.bench.int4_speed import (
             DIT_INT4_TINY,
+            KERNEL_CASES,
             bench_int4_dit_forward,
             bench_int4_gemm,
             bench_w4a8_gemm,
+            check_int4_kernels,
         )
 
-        rows = {"int4_gemm": [_row(bench_int4_gemm(16, 64, 128, device, group_size=64, model="tiny"))],
+        rows = {"int4_kernels": [_row(r) for r in check_int4_kernels(device, KERNEL_CASES[:1])],
+                "int4_gemm": [_row(bench_int4_gemm(16, 64, 128, device, group_size=64, model="tiny"))],
                 "w4a8_gemm": [_row(bench_w4a8_gemm(48, 64, 128, device, group_size=64, model="tiny"))],
                 "w4a8_forward": [_row(bench_int4_dit_forward(2, device, config=DIT_INT4_TINY, group_size=32,
                                                              kernels=False))]}
@@ -499,11 +502,12 @@ def int4_targets(int4: dict) -> list[tuple[str, float | None, str, bool | None]]
             v = r["fp8_us"] / r["w4a8_us"]
             rows.append((f"w4a8_gemm vs fewstep fp8_gemm, {r['model']} {r['m']}x{r['n']}x{r['k']} (x)", v,
                          ">= 0.9", v >= 0.9))
-    for kind, name in (("int4_gemm", "int4_gemm"), ("w4a8_gemm", "w4a8_gemm")):
+    for kind, what in (("int4_kernels", "INT4 GEMMs on awkward shapes and epilogues vs their _ref"),
+                       ("int4_gemm", "int4_gemm output vs int4_gemm_ref"),
+                       ("w4a8_gemm", "w4a8_gemm output vs w4a8_gemm_ref")):
         if int4.get(kind):
             worst = min(r["sqnr_vs_ref_db"] for r in int4[kind])
-            rows.append((f"{name} output vs {name}_ref, worst of {len(int4[kind])} (dB)", worst, ">= 40",
-                         worst >= 40))
+            rows.append((f"{what}, worst of {len(int4[kind])} (dB)", worst, ">= 40", worst >= 40))
     for r in int4.get("w4a8_forward", []):
         if r["batch"] == 16:
             v = r["int4_ms"] / r["fp8_ms"]

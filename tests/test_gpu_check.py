@@ -114,7 +114,8 @@ def test_int4_step_has_a_budget_after_fp8_and_the_default_fits_one_command():
 
 def _int4_results():
     gemm = {"model": "Flux", "n": 3072, "k": 3072, "group_size": 128, "sqnr_vs_ref_db": 50.0}
-    return {"int4_gemm": [dict(gemm, m=1, int4_us=10.0, bf16_us=16.0),  # 1.6x: met
+    return {"int4_kernels": [{"sqnr_vs_ref_db": 47.0}, {"sqnr_vs_ref_db": 45.0}],
+            "int4_gemm": [dict(gemm, m=1, int4_us=10.0, bf16_us=16.0),  # 1.6x: met
                           dict(gemm, m=64, int4_us=10.0, bf16_us=14.0),  # 1.4x: not
                           dict(gemm, m=512, int4_us=10.0, bf16_us=1.0),  # no target at M = 512
                           dict(gemm, m=4096, int4_us=100.0, bf16_us=89.0, sqnr_vs_ref_db=39.0)],  # 0.89x
@@ -136,7 +137,9 @@ def test_int4_targets_table_pass_and_fail():
     ratio, _, ok = rows["W4A8 / FP8 DiT-XL/2 forward time, batch 16 (x)"]
     assert ratio == pytest.approx(1.09) and ok
     assert rows["W4A8 DiT-XL/2 forward SQNR minus its emulation's (dB)"] == (-1.5, ">= -1", False)
-    assert len(rows) == 9  # not the M = 512 GEMM
+    awkward = "INT4 GEMMs on awkward shapes and epilogues vs their _ref, worst of 2 (dB)"
+    assert rows[awkward] == (45.0, ">= 40", True)
+    assert len(rows) == 10  # not the M = 512 GEMM
 
 
 def test_int4_rows_survive_a_time_out(tmp_path):
@@ -195,4 +198,5 @@ def test_int4_dry_step_writes_rows_the_summary_reads(tmp_path):
     rows = {what: value for what, value, _, _ in gc.int4_targets(results)}
     assert rows["int4_gemm (W4A16) vs cuBLAS bf16, tiny 16x64x128 (x)"] > 0
     assert rows["int4_gemm output vs int4_gemm_ref, worst of 1 (dB)"] >= 40
+    assert rows["INT4 GEMMs on awkward shapes and epilogues vs their _ref, worst of 1 (dB)"] >= 40
     assert rows["w4a8_gemm output vs w4a8_gemm_ref, worst of 1 (dB)"] >= 40

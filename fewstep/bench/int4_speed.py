@@ -43,6 +43,9 @@ __all__ = [
     "W4a8GemmResult",
     "Int4ForwardResult",
     "gemm_shapes",
+    "KERNEL_CASES",
+    "KernelCheck",
+    "check_int4_kernels",
     "bench_int4_gemm",
     "bench_w4a8_gemm",
     "bench_int4_dit_forward",
@@ -216,6 +219,68 @@ def _config_sweep(kind: str, group_size: int, run, expect: torch.Tensor,
         if ms < best_ms:
             best, best_ms = c, ms
     return (best_ms * 1e3, str(best)) if best is not None else (None, None)
+
+
+# Awkward shapes the timed layer shapes do not reach (odd M, N not a multiple of the tile, zero points, every
+# epilogue), as (kind, M, N, K, group, zero points, epilogue), checked on the device before anything is timed
+KERNEL_CASES = (
+    ("w4a16", 1, 48, 64, 32, False, "plain"),
+    ("w4a16", 77, 144, 256, 64, True, "bias_gelu"),
+    ("w4a16", 300, 80, 384, 128, False, "gated"),
+    ("w4a8", 3, 48, 128, 64, True, "plain"),
+    ("w4a8", 130, 96, 256, 128, False, "bias_gelu"),
+    ("w4a8", 300, 80, 384, 128, True, "gated"),
+)
+
+
+@dataclass(frozen=True)
+class KernelCheck:
+    device: str
+    kind: str
+    m: int
+    n: int
+    k: int
+    group_size: int
+    zero_point: bool
+    epilogue: str
+    sqnr_vs_ref_db: float
+
+
+def check_int4_kernels(device: torch.device, cases=KERNEL_CASES) -> list[KernelCheck]:
+    """``int4_gemm`` / ``w4a8_gemm`` against their ``_ref`` on ``cases`` (bf16 activations and out, random
+    weights quantized round-to-nearest; E4M3 per-token activations for W4A8): a RuntimeError below
+    :data:`GEMM_SQNR_FLOOR_DB`.  W4A8 cases are left out on a GPU without FP8 tensor cores."""
+    from ..kernels.fp8_gemm import has_fp8_tensor_cores
+    from ..kernels.int4_gemm import int4_gemm, int4_gemm_ref, quantize_int4_ref, w4a8_gemm, w4a8_gemm_ref
+    from ..kernels.quantize_fp8 import quantize_fp8_ref
+
+    rows = []
+    for kind, m, n, k, group, zero_point, epilogue in cases:
+        if kind == "w4a8" and device.type == "cuda" and not has_fp8_tensor_cores(device):
+            continue
+        x, w = _operands(m, n, k, device)
+        packed, scales, zeros = quantize_int4_ref(w, group, zero_point=zero_point, scale_dtype=torch.bfloat16)
+        g = torch.Generator(device="cpu").manual_seed(m * n)
+        kw: dict = {}
+        if epilogue != "plain":
+            kw["bias"] = torch.randn(n, generator=g).to(device, torch.bfloat16)
+        if epilogue == "bias_gelu":
+            kw["activation"] = "gelu_tanh"
+        if epilogue == "gated":  # batch 3 of m / 3 tokens, the gate a chunk of a wider tensor (row stride 3n)
+            kw["residual"] = torch.randn(m, n, generator=g).to(device, torch.bfloat16)
+            kw["gate"] = torch.randn(3, 3 * n, generator=g).to(device, torch.bfloat16)[:, n:2 * n]
+        if kind == "w4a8":
+            a, sa = quantize_fp8_ref(x)
+            got = w4a8_gemm(a, sa, packed, scales, zeros, **kw)
+            want = w4a8_gemm_ref(a, sa, packed, scales, zeros, **kw)
+        else:
+            got = int4_gemm(x, packed, scales, zeros, **kw)
+            want = int4_gemm_ref(x, packed, scales, zeros, **kw)
+        sqnr = _sqnr_db(got, want)
+        _check(f"{kind} {m}x{n}x{k} group {group} zero points {zero_point} {epilogue} vs its _ref", sqnr,
+               GEMM_SQNR_FLOOR_DB)
+        rows.append(KernelCheck(_device_name(device), kind, m, n, k, group, zero_point, epilogue, sqnr))
+    return rows
 
 
 def bench_int4_gemm(m: int, n: int, k: int, device: torch.device, *, group_size: int = 128,

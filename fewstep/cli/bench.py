@@ -162,10 +162,12 @@ def _run_int4(args: argparse.Namespace, device: torch.device, save: bool) -> int
     from ..bench.int4_speed import (
         DIT_INT4_TINY,
         INT4_GEMM_M,
+        KERNEL_CASES,
         W4A8_GEMM_M,
         bench_int4_dit_forward,
         bench_int4_gemm,
         bench_w4a8_gemm,
+        check_int4_kernels,
         format_int4_table,
         gemm_shapes,
     )
@@ -185,6 +187,10 @@ def _run_int4(args: argparse.Namespace, device: torch.device, save: bool) -> int
         for r in dit_layer_sqnr():
             print(f"{r.layer:40s} {str(r.shape):14s} RTN {r.rtn_db:6.2f} dB  AWQ {r.awq_db:6.2f} dB")
     gemms, forwards = [], []
+    if timed and what in ("all", "gemm", "forward"):  # the kernels against their references before timing
+        checks = check_int4_kernels(device, KERNEL_CASES[:1] if dry else KERNEL_CASES)
+        print(f"INT4 kernels vs their references on {len(checks)} awkward shapes / epilogues: worst "
+              f"{min(r.sqnr_vs_ref_db for r in checks):.1f} dB (floor 40)")
     if timed and what in ("all", "gemm"):
         if quant == "int4":
             cases = ((16, "tiny", 64, 128),) if dry else tuple(

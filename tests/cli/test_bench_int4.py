@@ -22,7 +22,8 @@ only_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is 
 def test_int4_dry_run_prints_every_table(capsys):
     assert main(["bench", "--quant", "int4", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    for head in ("INT4 layers at", "w4a16 gemm", "INT4 DiT forward", "int4-emulated"):
+    for head in ("INT4 layers at", "INT4 kernels vs their references", "w4a16 gemm", "INT4 DiT forward",
+                 "int4-emulated"):
         assert head in out
     assert "nan" not in out.lower() and "not measured" not in out
     # the forward benchmark quantized copies: the cached DiT the next benchmark gets is still unquantized
@@ -122,3 +123,21 @@ def test_config_sweep_checks_every_candidate_and_picks_one():
     bad = _swap_nibbles(packed)
     with pytest.raises(RuntimeError, match="w4a16 config .* below the floor"):
         S._config_sweep("w4a16", 32, lambda c: I.int4_gemm(x, bad, scales, config=c), expect, CPU)
+
+
+def test_kernel_check_on_awkward_shapes_and_a_wrong_gate_row(monkeypatch):
+    """check_int4_kernels (the GPU run's first check) here under the interpreter, on two of its cases; a
+    kernel reading the gate of the wrong batch item fails it."""
+    cases = [c for c in S.KERNEL_CASES if c[1] in (1, 3)]  # M = 1 (W4A16) and M = 3 (W4A8, zero points)
+    rows = S.check_int4_kernels(CPU, cases)
+    assert [(r.kind, r.m) for r in rows] == [("w4a16", 1), ("w4a8", 3)]
+    assert all(r.sqnr_vs_ref_db >= S.GEMM_SQNR_FLOOR_DB for r in rows)  # 45-48 dB measured here
+    real = I.int4_gemm
+
+    def wrong_gate(*args, gate=None, **kw):
+        return real(*args, gate=None if gate is None else gate.roll(1, 0), **kw)
+
+    monkeypatch.setattr(I, "int4_gemm", wrong_gate)
+    gated = [c for c in S.KERNEL_CASES if c[0] == "w4a16" and c[6] == "gated"]
+    with pytest.raises(RuntimeError, match="w4a16 300x80x384 group 128 zero points False gated vs its _ref"):
+        S.check_int4_kernels(CPU, gated)

@@ -1,7 +1,8 @@
 """INT4 figures measurable without a GPU: memory of the quantized layers, per-layer SQNR (round-to-nearest vs
 AWQ) on DiT-XL/2 layers fed by the real network's activations, and whole-network forward error.
 
-GPU speed (W4A16 vs cuBLAS bf16, W4A8 vs the FP8 GEMM) is not measured here.
+GPU speed (W4A16 vs cuBLAS bf16, W4A8 vs the FP8 GEMM, the DiT-XL/2 forward vs FP8) is
+:mod:`fewstep.bench.int4_speed`.
 """
 
 from __future__ import annotations

@@ -171,6 +171,7 @@ def _run_int4(args: argparse.Namespace, device: torch.device, save: bool) -> int
         format_int4_table,
         gemm_shapes,
     )
+    from ..kernels.fp8_gemm import has_fp8_tensor_cores
 
     dry, what, quant = args.dry_run, args.int4_what, args.quant
     cuda = device.type == "cuda"
@@ -202,7 +203,10 @@ def _run_int4(args: argparse.Namespace, device: torch.device, save: bool) -> int
                 (m, model, n, k) for m in W4A8_GEMM_M for model, n, k in gemm_shapes())
             gemms = [bench_w4a8_gemm(m, n, k, device, group_size=64 if dry else 128, model=model)
                      for m, model, n, k in cases]
-    if timed and what in ("all", "forward"):
+    if timed and what in ("all", "forward") and cuda and not has_fp8_tensor_cores(device):
+        print(f"--quant {quant}: the DiT-XL/2 forward is compared with FP8, which needs FP8 tensor cores "
+              f"(sm_89+): left out on {torch.cuda.get_device_name(device)}")
+    elif timed and what in ("all", "forward"):
         forwards = [bench_int4_dit_forward(
             2 if dry else 16, device, mode=quant, config=DIT_INT4_TINY if dry else None,
             group_size=32 if dry else 128, kernels=None if cuda else False)]

@@ -64,12 +64,13 @@ NEEDED = {"torch": "torch", "triton": "triton", "numpy": "numpy", "scipy": "scip
 # 10 minutes one command may take on a lent GPU machine; compile_network goes last and gets what is left)
 # int4, NOT YET MEASURED: tests/quant/test_int4_plan.py (31 s on the 2-core CPU), then 56 GEMM cases at ~1 s
 # each (two medians, a config sweep at 20 ms, the FP8 configs tuned for W4A8), Triton compiles of 8 INT4
-# configs, the DiT-XL/2 forward 3 ways plus two emulated checks; rows are kept as they come (INT4_ROWS)
+# configs (several M specializations each), the DiT-XL/2 forward 3 ways plus two emulated checks: about
+# 150-200 s by that count; rows are kept as they come (INT4_ROWS), the longest sweep last
 STEPS = {
     "tests": (140, 120, 60),
     "bench": (100, 120, 40),
     "fp8": (140, 120, 60),
-    "int4": (180, 120, 60),
+    "int4": (210, 120, 60),
     "tune": (45, 60, 20),
     "bench-compiled": (150, 60, 60),
 }

@@ -1,4 +1,9 @@
-"""INT4Linear and the AWQ search: layers against float64 oracles, calibration against round-to-nearest."""
+"""INT4Linear and the AWQ search: layers against float64 oracles, calibration against round-to-nearest.
+
+The Triton layers run on the GPU when there is one (CPU tensors under the interpreter otherwise); there the
+MMA's arithmetic (TF32 for fp32 activations, the FP8 accumulator) sets the floor against the emulation
+(tests/kernels/int4_util.py).  The AWQ search is plain PyTorch and runs on the CPU.
+"""
 
 import pytest
 import torch
@@ -6,23 +11,38 @@ from torch import nn
 
 pytest.importorskip("triton")
 
+from fewstep.kernels.fp8_gemm import has_fp8_tensor_cores  # noqa: E402
 from fewstep.kernels.int4_gemm import dequantize_int4_ref  # noqa: E402
+from fewstep.kernels.quantize_fp8 import quantize_fp8_ref  # noqa: E402
 from fewstep.quant import InputStats, INT4Conv1x1, INT4Linear, awq_search  # noqa: E402
 from fewstep.quant.int4_linear import int4_weight_bytes  # noqa: E402
 
 from ..kernels.fp8_util import activations, sqnr_db  # noqa: E402
+from ..kernels.int4_util import floor_db, tf32, w4a8_accumulation  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ON_CPU = DEV == "cpu"
+_CC = (0, 0) if ON_CPU else torch.cuda.get_device_capability()
 
 
-def _linear(k, n, seed=0, bias=True):
+def _linear(k, n, seed=0, bias=True, device="cpu"):
     torch.manual_seed(seed)
-    return nn.Linear(k, n, bias=bias).requires_grad_(False)
+    return nn.Linear(k, n, bias=bias).requires_grad_(False).to(device)
+
+
+def _skip_without_mma(kind):
+    if not ON_CPU and _CC < (8, 0):
+        pytest.skip("the INT4 GEMMs need bf16 tensor cores (compute capability 8.0+)")
+    if kind == "w4a8" and not ON_CPU and not has_fp8_tensor_cores(DEV):
+        pytest.skip("w4a8 needs FP8 tensor cores (compute capability 8.9+)")
 
 
 @pytest.mark.parametrize("kind", ["w4a16", "w4a8"])
 @pytest.mark.parametrize("zero_point", [False, True])
 def test_layer_matches_its_dequantized_weight_and_the_emulation(kind, zero_point):
-    lin = _linear(128, 48)
-    x = activations(2 * 13, 128, seed=1).reshape(2, 13, 128)
+    _skip_without_mma(kind)
+    lin = _linear(128, 48, device=DEV)
+    x = activations(2 * 13, 128, seed=1).reshape(2, 13, 128).to(DEV)
     tri = INT4Linear.from_linear(lin, group_size=64, zero_point=zero_point, kind=kind, activation="gelu_tanh")
     emu = INT4Linear.from_linear(lin, group_size=64, zero_point=zero_point, kind=kind, activation="gelu_tanh",
                                  backend="emulated")
@@ -33,18 +53,29 @@ def test_layer_matches_its_dequantized_weight_and_the_emulation(kind, zero_point
     assert y.shape == (2, 13, 48) and y.dtype == torch.float32
     floor = 40.0 if kind == "w4a16" else 25.0  # w4a8: E4M3 activations (3 mantissa bits) on top
     assert sqnr_db(y, want) > floor and sqnr_db(ye, want) > floor
-    torch.testing.assert_close(y, ye, rtol=1e-4, atol=1e-4)
+    if ON_CPU:
+        torch.testing.assert_close(y, ye, rtol=1e-4, atol=1e-4)
+    else:  # the MMA's arithmetic modelled on the same operands, through the same GELU
+        x2 = x.reshape(-1, 128)
+        if kind == "w4a16":
+            acc = tf32(x2) @ tf32(w).t()
+        else:
+            aq, sa = quantize_fp8_ref(x2)
+            acc = w4a8_accumulation(aq, tri.packed, tri.scales, tri.zeros) * sa.double().cpu()
+        model = torch.nn.functional.gelu(acc + lin.bias.double().cpu(), approximate="tanh").reshape(y.shape)
+        assert sqnr_db(y, ye) >= floor_db(model, ye)
     # the weights themselves: 4-bit group-wise, ~20 dB against the float weights (uniform init)
     assert sqnr_db(w, lin.weight) > 18.0
 
 
 def test_gated_residual_epilogue():
-    lin = _linear(64, 32, bias=False)
+    _skip_without_mma("w4a16")
+    lin = _linear(64, 32, bias=False, device=DEV)
     layer = INT4Linear.from_linear(lin, group_size=32)
-    x, res, gate = torch.randn(2, 5, 64), torch.randn(2, 5, 32), torch.randn(2, 32)
+    x, res, gate = (t.to(DEV) for t in (torch.randn(2, 5, 64), torch.randn(2, 5, 32), torch.randn(2, 32)))
     w = dequantize_int4_ref(layer.packed, layer.scales).double()
     want = res.double() + gate.double()[:, None, :] * (x.double() @ w.t())
-    assert sqnr_db(layer(x, residual=res, gate=gate), want) > 40.0
+    assert sqnr_db(layer(x, residual=res, gate=gate), want) > 40.0  # on a GPU: TF32, ~60 dB
 
 
 def test_conv1x1_is_a_gemm_over_pixels():

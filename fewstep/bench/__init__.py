@@ -1,4 +1,4 @@
-"""fewstep.bench: benchmarks of the library (solver step, whole samples, FP8 layers) and their results files.
+"""fewstep.bench: benchmarks of the library (solver step, whole samples, FP8 / INT4 layers), results files.
 
 A tool, not a library layer: it uses the public API like any user and nothing in the library imports it.
 ``fewstep bench`` (``fewstep/cli/bench.py``) and ``benchmarks/`` run it.
@@ -7,7 +7,8 @@ A tool, not a library layer: it uses the public API like any user and nothing in
   plain timer only for the CPU dry run).
 * :mod:`.models`: the networks timed (diffusers classes from published configs, random weights), built once
   per process, on the device.
-* :mod:`.sample`, :mod:`.fp8`: benchmark functions returning frozen result dataclasses, and their tables.
+* :mod:`.sample`, :mod:`.fp8`, :mod:`.int4_speed`: benchmark functions returning frozen result dataclasses,
+  and their tables; :mod:`.int4`: INT4 memory and quality (any device).
 * :mod:`.results`: results files (GPU name, torch / triton / diffusers versions, git SHA), GPU runs only.
 """
 

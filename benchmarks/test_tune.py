@@ -89,7 +89,8 @@ def _cpu_seconds() -> float:
 
 
 def digits_report(tuned_solvers=("unipc", "dpmpp_2m"), nfes=(4, 6, 8), fixed_solvers=("unipc", "dpmpp_2m"),
-                  n_cal=30, budget=None, cache: str | None = None, teacher_row: bool = True) -> str:
+                  n_cal=30, budget=None, method="auto", cache: str | None = None, teacher_row: bool = True
+                  ) -> str:
     """Tuned rows (fs.tune's default budget and teacher unless given) against every fixed spacing of
     ``fixed_solvers`` at NFE n and n + 2, all scored on the same 500 evaluation noises (seed 7, 50 per digit),
     none of which is a calibration noise (seed 123).  ``cache``: a JSON file of rows already measured (rows in
@@ -140,12 +141,12 @@ def digits_report(tuned_solvers=("unipc", "dpmpp_2m"), nfes=(4, 6, 8), fixed_sol
                            check=float(((other - teacher) ** 2).mean().sqrt())))
     for solver in tuned_solvers:
         for nfe in nfes:
-            key = f"tuned {solver} {nfe}"
+            key = f"tuned {solver} {nfe}" + ("" if method == "auto" else f" {method}")
             if key in rows:
                 continue
             load0, cpu0, t0 = os.getloadavg(), _cpu_seconds(), time.perf_counter()
             tuned = fs.tune(model, spec, solver=solver, nfe=nfe, noise=calib, cond={"class_labels": calib_y},
-                            guidance_scale=g, budget=budget)
+                            guidance_scale=g, budget=budget, method=method)
             secs, cpu, load1 = time.perf_counter() - t0, _cpu_seconds() - cpu0, os.getloadavg()
             r = tuned.report
             keep(key, dict(program=f"tuned {solver} ({tuned.method})", **score(tuned.program), wall=secs,

@@ -6,7 +6,7 @@ needs from the wheel folder ``.whl/`` (filled by ``make wheels`` on a machine wi
 what it found, then runs these steps, each in a child process with its own time limit so one hang cannot eat
 the rest:
 
-1. ``tests``: the CUDA tests (CUDA-graph plans, FP8 kernels and layers on the hardware);
+1. ``tests``: the CUDA tests (CUDA-graph plans, FP8 and INT4 kernels and layers on the hardware);
 2. ``bench``: the fused solver step against diffusers' ``scheduler.step`` and the whole DiT-XL/2 sample
    against diffusers' eager loop and the network alone in one graph;
 3. ``fp8``: ``benchmarks/test_fp8.py`` (GEMM vs ``torch._scaled_mm`` and cuBLAS bf16, each output checked
@@ -66,8 +66,10 @@ NEEDED = {"torch": "torch", "triton": "triton", "numpy": "numpy", "scipy": "scip
 # each (two medians, a config sweep at 20 ms, the FP8 configs tuned for W4A8), Triton compiles of 8 INT4
 # configs (several M specializations each), the DiT-XL/2 forward 3 ways plus two emulated checks: about
 # 150-200 s by that count; rows are kept as they come (INT4_ROWS), the longest sweep last
+# tests: 140 -> 170 s for the INT4 kernel and layer tests, NOT YET MEASURED: about 15 Triton compiles (one per
+# GEMM specialization they launch), 15-30 s by that count
 STEPS = {
-    "tests": (140, 120, 60),
+    "tests": (170, 120, 60),
     "bench": (100, 120, 40),
     "fp8": (140, 120, 60),
     "int4": (210, 120, 60),
@@ -81,11 +83,12 @@ CUDA_TESTS = ("tests/engine/test_plan_cuda.py", "tests/kernels/test_fp8_gemm.py"
               "tests/kernels/test_fp8_quantize.py", "tests/kernels/test_fp8_adaln_quant.py",
               "tests/kernels/test_solver_update.py", "tests/kernels/test_triton_support.py",
               "tests/quant/test_fp8_linear.py", "tests/quant/test_calibrate.py",
-              "tests/quant/test_fp8_plan.py")
+              "tests/quant/test_fp8_plan.py", "tests/kernels/test_int4_gemm.py",
+              "tests/quant/test_int4_linear.py")
 # a dry run checks that the step runs at all, in seconds: the CUDA-only module (it skips)
 DRY_TESTS = ("tests/engine/test_plan_cuda.py",)
-# the INT4 tests that run on the device (the `int4` step): plans and the Triton layers vs their emulation;
-# tests/kernels/test_int4_gemm.py and tests/quant/test_int4_linear.py run CPU tensors under the interpreter
+# the INT4 plan tests on the device (the `int4` step): INT4 / W4A8 plans and the Triton DiT vs its emulation
+# (the INT4 kernel and layer tests are in CUDA_TESTS)
 INT4_CUDA_TESTS = ("tests/quant/test_int4_plan.py",)
 # DiT-XL/2 layers as (N, K, epilogue): the fused qkv and FF-in take bias (+ GELU for FF-in); attention out and
 # FF out take bias + the gated adaLN-Zero residual

@@ -200,3 +200,48 @@ def test_int4_dry_step_writes_rows_the_summary_reads(tmp_path):
     assert rows["int4_gemm output vs int4_gemm_ref, worst of 1 (dB)"] >= 40
     assert rows["INT4 GEMMs on awkward shapes and epilogues vs their _ref, worst of 1 (dB)"] >= 40
     assert rows["w4a8_gemm output vs w4a8_gemm_ref, worst of 1 (dB)"] >= 40
+
+
+def test_tune_dit_step_sits_before_compile_network_and_keeps_the_budget():
+    names = list(gc.STEPS)
+    assert names.index("tune") < names.index("tune-dit") == names.index("bench-compiled") - 1
+    limit, dry_limit, least = gc.STEPS["tune-dit"]
+    assert 120 < limit and 0 < least <= limit and dry_limit > 0  # the 120 s target is measured, not cut off
+    assert gc.DEFAULT_BUDGET == 540.0
+
+
+def test_tune_dit_target_pass_and_fail():
+    def rows(wall, model="DiT-XL/2", batch=16):
+        r = {"tune-dit": {"fs_tune": [{"model": model, "batch": batch, "wall_s": wall}]}}
+        return {what: (value, goal, ok) for what, value, goal, ok in gc.targets(r)}
+
+    assert rows(95.0) == {"fs.tune DiT-XL/2 batch 16 (s)": (95.0, "<= 120", True)}
+    assert rows(121.0) == {"fs.tune DiT-XL/2 batch 16 (s)": (121.0, "<= 120", False)}
+    assert rows(1.0, model="DiT (tiny)") == {} and rows(1.0, batch=8) == {}
+
+
+def test_tune_dit_dry_step_writes_the_row_the_summary_reads(tmp_path):
+    """The dry step runs fs.tune on the tiny DiT (short teacher and budget) and records every field the GPU
+    row carries; as a DiT-XL/2 row it makes the README target's line in summary.md."""
+    pytest.importorskip("diffusers")
+    import math
+
+    import torch
+
+    assert gc._step_tune_dit(tmp_path, torch.device("cpu"), True) == 0
+    (row,) = json.loads((tmp_path / "tune-dit.json").read_text())["fs_tune"]
+    assert (row["model"], row["batch"], row["solver"], row["nfe"]) == ("DiT (tiny)", 16, "unipc", 8)
+    assert (row["calibration_samples"], row["holdout_samples"]) == (12, 4)
+    assert row["budget"] == 64 and row["teacher"].endswith("nfe=20")
+    # the teacher's 20 calls, the untuned program on the calibration noises, at most the budget of 64 for the
+    # search, the untuned and tuned programs on the held-out noises (100 measured here)
+    assert 20 + row["nfe"] < row["network_calls"] <= 20 + 64 + 3 * row["nfe"]
+    assert 0 < row["tune_seconds"] <= row["wall_s"]
+    assert math.isfinite(row["holdout_before"]) and math.isfinite(row["holdout_after"])
+    assert row["improved"] == (row["holdout_after"] < row["holdout_before"])
+    assert "network calls" in row["summary"] and len(row["timesteps_after"]) == row["nfe"]
+    (tmp_path / "tune-dit.json").write_text(json.dumps({"fs_tune": [dict(row, model="DiT-XL/2")]}))
+    env = {"git_sha": "0" * 40, "gpu": "H100", "driver": "1", "cuda": "12", "python": "3", "torch": "t",
+           "triton": "x", "diffusers": "d", "time": "now"}
+    text = gc.summary(tmp_path, env, {"tune-dit": "ok (9 s)"}, dry=False)
+    assert f"| fs.tune DiT-XL/2 batch 16 (s) | {row['wall_s']:.3g} | <= 120 | pass |" in text

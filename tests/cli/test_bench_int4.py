@@ -16,6 +16,10 @@ from fewstep.quant import quantized_layers  # noqa: E402
 
 CPU = torch.device("cpu")
 only_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is benchmarks/test_int4.py")
+# these hand CPU tensors to the Triton kernels, which needs the interpreter (tests/conftest.py sets it only
+# without CUDA); on a GPU the same checks run on the device in benchmarks/test_int4.py
+interpreter = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors through the Triton kernels "
+                                 "need the interpreter; the GPU run is benchmarks/test_int4.py")
 
 
 @only_cpu
@@ -45,6 +49,7 @@ def test_timing_without_a_gpu_is_a_clear_error(capsys, quant, what):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+@interpreter
 def test_int4_gemm_rows_carry_shapes_and_a_checked_output():
     r = S.bench_int4_gemm(16, 64, 128, CPU, group_size=64, model="tiny")
     assert (r.m, r.n, r.k, r.group_size, r.model) == (16, 64, 128, 64, "tiny")
@@ -60,6 +65,7 @@ def _swap_nibbles(p):
     return ((p & 0xF) << 4) | (p >> 4)
 
 
+@interpreter
 def test_int4_gemm_check_fails_on_a_wrong_nibble_order(monkeypatch):
     real = I.int4_gemm
     monkeypatch.setattr(I, "int4_gemm", lambda a, packed, *args, **kw: real(a, _swap_nibbles(packed), *args,
@@ -68,6 +74,7 @@ def test_int4_gemm_check_fails_on_a_wrong_nibble_order(monkeypatch):
         S.bench_int4_gemm(16, 64, 128, CPU, group_size=64)
 
 
+@interpreter
 def test_w4a8_gemm_rows_and_a_wrong_group_scale(monkeypatch):
     r = S.bench_w4a8_gemm(48, 64, 128, CPU, group_size=64)
     assert r.sqnr_vs_ref_db >= S.GEMM_SQNR_FLOOR_DB and r.fp8_sqnr_vs_ref_db >= S.GEMM_SQNR_FLOOR_DB
@@ -80,6 +87,7 @@ def test_w4a8_gemm_rows_and_a_wrong_group_scale(monkeypatch):
         S.bench_w4a8_gemm(48, 64, 128, CPU, group_size=64)
 
 
+@interpreter
 def test_forward_check_fails_when_the_kernel_layers_are_wrong(monkeypatch):
     """The Triton-mode forward (here: the layer's kernel replaced by its reference with swapped nibbles) must
     not lose more than FORWARD_SQNR_MARGIN_DB against its emulated twin."""
@@ -103,6 +111,7 @@ def test_bad_forward_mode():
         S.bench_int4_dit_forward(2, CPU, mode="fp8", config=S.DIT_INT4_TINY)
 
 
+@interpreter
 def test_config_sweep_checks_every_candidate_and_picks_one():
     """The CUDA-only sweep over INT4_GEMM_CONFIGS, run here under the interpreter: BLOCK_K cut to the group,
     every candidate's output checked before it is timed."""
@@ -125,6 +134,7 @@ def test_config_sweep_checks_every_candidate_and_picks_one():
         S._config_sweep("w4a16", 32, lambda c: I.int4_gemm(x, bad, scales, config=c), expect, CPU)
 
 
+@interpreter
 def test_kernel_check_on_awkward_shapes_and_a_wrong_gate_row(monkeypatch):
     """check_int4_kernels (the GPU run's first check) here under the interpreter, on two of its cases; a
     kernel reading the gate of the wrong batch item fails it."""

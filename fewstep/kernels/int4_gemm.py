@@ -507,7 +507,9 @@ def int4_gemm(
 ) -> torch.Tensor:
     """W4A16: ``act(a @ W.T + bias)`` with ``W = (q - zero) * scale`` dequantized in registers (Triton).
 
-    a: (M, K) bf16 / fp16 / fp32 with stride 1 along K.  packed, scales, zeros: the module docstring's format.
+    a: (M, K) bf16 / fp16 / fp32 with stride 1 along K (fp32 runs ``tl.dot`` at Triton's default precision,
+    TF32 on the tensor cores: about 10 mantissa bits per operand, as the fp32 tests' GPU floors model).
+    packed, scales, zeros: the module docstring's format.
     residual / gate: the adaLN-Zero gated residual of :func:`fewstep.kernels.fp8_gemm.fp8_gemm`.  Returns
     (M, N) ``out_dtype``."""
     _check_a16(a)

@@ -1,6 +1,8 @@
 """``fewstep tune`` / ``fewstep sample --tuned``: argument errors come before any model work; a tuned file
 drives the sample command's solver, NFE and grid."""
 
+import json
+
 import pytest
 
 import fewstep as fs
@@ -85,6 +87,10 @@ def test_tune_a_local_dit_pipeline_end_to_end(capsys, tmp_path):
 
     pipe = tmp_path / "pipe"
     _tiny_dit_pipeline(pipe)
+    # a schedule other than the bundled model's, so a file tuned for the wrong model cannot pass as this one's
+    sched_file = pipe / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(sched_file.read_text())
+    sched_file.write_text(json.dumps({**cfg, "beta_schedule": "scaled_linear"}))
     out = tmp_path / "t.json"
     assert cli.main(["tune", "--diffusers", str(pipe), "--solver", "dpmpp_2m", "--nfe", "3", "--samples", "8",
                      "--teacher-nfe", "8", "--budget", "12", "--out", str(out)]) == 0
@@ -94,6 +100,7 @@ def test_tune_a_local_dit_pipeline_end_to_end(capsys, tmp_path):
 
     net, sched, _ = load_diffusers_dir(pipe, None, "cpu")
     model, spec = fs.models.from_diffusers(net, sched)
+    assert spec != digits.digits_spec()
     tuned = fs.load_tuned(out, spec=spec, solver="dpmpp_2m")  # tuned for this directory's schedule
     r = tuned.report
     assert tuned.nfe == 3 and r["calibration_samples"] + r["holdout_samples"] == 8

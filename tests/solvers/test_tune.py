@@ -203,6 +203,15 @@ def test_dmn_is_model_free_and_auto_picks_it_at_zero_budget():
         assert oracle_error(t.program, fresh) < 2 * oracle_error(fs.solvers.build("dpmpp_2m", SPEC, 5), fresh)
 
 
+def test_auto_fits_coefficients_from_the_default_budget_up_and_the_grid_below_it():
+    default = fs.solvers.tuning.DEFAULT_BUDGET
+    for budget, method in ((None, "coefficients"), (default, "coefficients"), (default - 1, "timesteps")):
+        t = fs.tune(gmm_model(), SPEC, solver="dpmpp_2m", nfe=3, noise=noise(8, 2), budget=budget,
+                    teacher_nfe=20, verbose=False)
+        assert t.method == method and t.report["budget"] == (budget or default), (budget, t.method)
+        assert (t.report["multipliers"] is not None) == (method == "coefficients")
+
+
 def test_bad_inputs():
     m = gmm_model()
     with pytest.raises(ValueError, match="noise batch of 3 is too small to hold out from"):

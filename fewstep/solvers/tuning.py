@@ -484,27 +484,32 @@ class _counted:
 
 
 def _wrap_model(model, cond, n: int, guidance: float | None):
+    """``fn(x, t, part)`` calling the user's model on its network's device and dtype (found as fs.compile
+    finds them: the module itself or an adapter's ``.model``; else the CPU and float32); the search itself
+    runs in float64 on the CPU."""
+    from ..quant.quantize_model import find_network
+
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t, **cond), got {type(model).__name__}")
     cond = dict(cond or {})
     for k, v in cond.items():
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"cond[{k!r}] must be a tensor, got {type(v).__name__}")
-    try:
-        dtype = next(model.parameters()).dtype if isinstance(model, torch.nn.Module) else torch.float32
-    except StopIteration:
-        dtype = torch.float32
-    dtype = dtype if dtype.is_floating_point else torch.float32
+    net = find_network(model)
+    p = next(iter(net.parameters()), None) if net is not None else None
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    device = p.device if p is not None else torch.device("cpu")
+    cond = {k: v.to(device) for k, v in cond.items()}
 
     def fn(x: torch.Tensor, t: float, part: slice | None) -> torch.Tensor:
         c = {k: (v[part] if part is not None and v.dim() and v.shape[0] == n else v) for k, v in cond.items()}
-        tt = torch.full((x.shape[0],), float(t), dtype=torch.float32)
+        tt = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=device)
         with torch.no_grad():
-            out = model(x.to(dtype), tt, **c)
+            out = model(x.to(device, dtype), tt, **c)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             raise ValueError(f"model output must be a tensor of the input's shape {tuple(x.shape)}, got "
                              f"{getattr(out, 'shape', type(out).__name__)}")
-        return out.double()
+        return out.to("cpu", torch.float64)
 
     fn.guidance = guidance
     return fn

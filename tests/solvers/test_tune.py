@@ -212,6 +212,24 @@ def test_auto_fits_coefficients_from_the_default_budget_up_and_the_grid_below_it
         assert (t.report["multipliers"] is not None) == (method == "coefficients")
 
 
+def test_the_model_is_called_in_its_network_dtype_behind_an_adapter():
+    # an adapter exposing its network as ``.model`` (as fs.models' adapters do): inputs come in the network's
+    # dtype, on its device, as fs.compile would call it, not in the search's float64 or a fixed float32
+    class Adapter:
+        def __init__(self):
+            self.model = torch.nn.Linear(4, 4).to(torch.float64)
+            self.seen = set()
+
+        def __call__(self, x, t, **cond):
+            self.seen.add((x.dtype, x.device.type, t.dtype, t.device.type))
+            return gmm_model()(x, t)
+
+    m = Adapter()
+    t = fs.tune(m, SPEC, solver="dpmpp_2m", nfe=3, noise=noise(8, 4), teacher_nfe=20, budget=12,
+                verbose=False)
+    assert m.seen == {(torch.float64, "cpu", torch.float32, "cpu")} and t.report["network_calls"] > 20
+
+
 def test_bad_inputs():
     m = gmm_model()
     with pytest.raises(ValueError, match="noise batch of 3 is too small to hold out from"):

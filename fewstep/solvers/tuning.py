@@ -486,7 +486,7 @@ class _counted:
 def _wrap_model(model, cond, n: int, guidance: float | None):
     """``fn(x, t, part)`` calling the user's model on its network's device and dtype (found as fs.compile
     finds them: the module itself or an adapter's ``.model``; else the CPU and float32); the search itself
-    runs in float64 on the CPU."""
+    runs in float64 on the noise's device."""
     from ..quant.quantize_model import find_network
 
     if not callable(model):
@@ -509,7 +509,7 @@ def _wrap_model(model, cond, n: int, guidance: float | None):
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             raise ValueError(f"model output must be a tensor of the input's shape {tuple(x.shape)}, got "
                              f"{getattr(out, 'shape', type(out).__name__)}")
-        return out.to("cpu", torch.float64)
+        return out.to(x.device, torch.float64)  # the search runs where the noise is
 
     fn.guidance = guidance
     return fn

@@ -33,7 +33,7 @@ SUBCOMMANDS = {
     "sample": ("fewstep.cli.sample", "sample images with the bundled model or a local diffusers model"),
     "bench": ("fewstep.cli.bench", "latency benchmarks: fused solver step and whole samples vs diffusers"),
     "accuracy": ("fewstep.cli.accuracy", "RMS error of every deterministic solver vs an exact ODE oracle"),
-    "tune": ("fewstep.cli.tune", "fit a solver's grid to the bundled digits model and write it as JSON"),
+    "tune": ("fewstep.cli.tune", "fit a solver's grid to a model (bundled or --diffusers DIR), as JSON"),
     "solvers": ("fewstep.cli.solvers", "list the registered solvers, their options, diffusers equivalents"),
     "export": ("fewstep.cli.export", "the whole sampler as one ONNX file (onnxruntime; --trt: TensorRT)"),
     "serve": ("fewstep.cli.serve", "serve a model over HTTP on Ray Serve, merging requests into batches"),

@@ -88,8 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch (default: a plan built here), or `onnxruntime FILE`: a file from "
                         "`fewstep export`")
     p.add_argument("--tuned", metavar="FILE", default=None,
-                   help="a tuned solver written by `fewstep tune` (bundled model): its solver, NFE, grid and "
-                        "guidance replace --solver / --nfe / --spacing / --guidance")
+                   help="a tuned solver written by `fewstep tune` for the same model: its solver, NFE, grid "
+                        "and guidance replace --solver / --nfe / --spacing / --guidance")
 
 
 def _labels(text: str | None, default: list[int]) -> list[int]:
@@ -114,9 +114,6 @@ def run(args: argparse.Namespace) -> int:
     guidance = guidance_or_none(args.guidance)
     if args.backend != ["torch"]:
         return _sample_onnx(args, out)
-    if args.tuned is not None and args.diffusers is not None:
-        raise ValueError("--tuned applies to the bundled digits model (a tuned file for a diffusers model: "
-                         "fs.compile(..., solver=fs.load_tuned(FILE)))")
     if args.diffusers is None:
         given = [f"--{k.replace('_', '-')}" for k in ("scheduler_config", "cond", "batch", "size")
                  if getattr(args, k) is not None]
@@ -228,6 +225,10 @@ def _sample_diffusers(args, out: Path, guidance, device) -> int:
     cond_tensors = _load_cond(Path(args.cond)) if args.cond is not None else None
     net, sched_cfg, vae = _load_dir(Path(args.diffusers), args.scheduler_config, device)
     model, spec = fs.models.from_diffusers(net, sched_cfg)
+    solver, nfe = args.solver, args.nfe
+    if args.tuned is not None:  # `fewstep tune --diffusers` wrote it; a file for another schedule fails here
+        solver = fs.load_tuned(args.tuned, spec=spec)
+        nfe, guidance = solver.nfe, solver.program.guidance_scale
     cfg = net.config
     cls = type(net).__name__
     cond: dict = {}
@@ -255,15 +256,15 @@ def _sample_diffusers(args, out: Path, guidance, device) -> int:
         channels //= 4  # Flux's in_channels counts packed 2x2 patches
     shape = (batch, channels, size, size)
     dtype = next(net.parameters()).dtype
-    spacing = args.spacing
-    if spacing is None and getattr(model, "pipeline_spacing", None) is not None:
-        spacing = model.pipeline_spacing(args.nfe, shape)
+    spacing = None if args.tuned is not None else args.spacing
+    if spacing is None and args.tuned is None and getattr(model, "pipeline_spacing", None) is not None:
+        spacing = model.pipeline_spacing(nfe, shape)
     t0 = time.perf_counter()
     plan = fs.compile(
         model,
         spec,
-        solver=args.solver,
-        nfe=args.nfe,
+        solver=solver,
+        nfe=nfe,
         spacing=spacing,
         shape=shape,
         dtype=dtype,
@@ -281,7 +282,8 @@ def _sample_diffusers(args, out: Path, guidance, device) -> int:
     else:
         print(f"wrote latents {lat_path} (no vae/ in {args.diffusers}: no PNG)", end="")
     seconds = time.perf_counter() - t0
-    print(f" ({cls}, {args.solver}, NFE {args.nfe}, {seconds:.2f} s including the plan build)")
+    name = args.solver if args.tuned is None else f"tuned {solver.solver} ({args.tuned})"
+    print(f" ({cls}, {name}, NFE {nfe}, {seconds:.2f} s including the plan build)")
     return 0
 
 

@@ -128,6 +128,39 @@ def test_tune_a_local_dit_pipeline_end_to_end(capsys, tmp_path):
     assert "needs --scheduler-config" in err
 
 
+def test_sample_a_local_dit_pipeline_with_its_tuned_file(capsys, tmp_path):
+    """``fewstep sample --diffusers DIR --tuned FILE`` gives the latents of the plan built from that file
+    directly (the same seed's noise); a file tuned for another schedule is refused."""
+    pytest.importorskip("diffusers")
+    import torch
+    from safetensors.torch import load_file
+
+    from fewstep.cli.diffusers_dir import load_diffusers_dir
+
+    from .test_cli import _tiny_dit_pipeline
+
+    pipe = tmp_path / "pipe"
+    _tiny_dit_pipeline(pipe)
+    net, sched, _ = load_diffusers_dir(pipe, None, "cpu")
+    model, spec = fs.models.from_diffusers(net, sched)
+    path = _tuned_file(tmp_path, spec)  # dpmpp_2m, NFE 4, guidance 1.5 on the timesteps 999, 600, 250, 20
+    out = tmp_path / "x.png"
+    assert cli.main(["sample", "--diffusers", str(pipe), "--tuned", str(path), "--labels", "1,7",
+                     "--seed", "3", "--out", str(out), "--device", "cpu"]) == 0
+    assert "tuned dpmpp_2m" in capsys.readouterr().out
+    got = load_file(str(out.with_suffix(".safetensors")))["latents"]
+    labels = torch.tensor([1, 7])
+    plan = fs.compile(model, spec, solver=fs.load_tuned(path), nfe=4, shape=tuple(got.shape),
+                      guidance_scale=1.5, cond={"class_labels": labels})
+    want = plan(torch.randn(got.shape, generator=torch.Generator().manual_seed(3)), class_labels=labels)
+    assert torch.equal(got, want)  # the same program, network and noise in the same process
+    (tmp_path / "o").mkdir()
+    other = _tuned_file(tmp_path / "o", fs.ModelSpec(fs.schedules.DiscreteVP(beta_schedule="scaled_linear")))
+    err = _error(capsys, ["sample", "--diffusers", str(pipe), "--tuned", str(other), "--labels", "1",
+                          "--out", str(tmp_path / "y.png"), "--device", "cpu"])
+    assert "tuned for" in err
+
+
 def test_tune_the_bundled_model_end_to_end(capsys, tmp_path):
     pytest.importorskip("diffusers")
     pytest.importorskip("matplotlib")

@@ -60,13 +60,14 @@ GROUPS: tuple[Group, ...] = (
           functions=("_phis", "_dpmpp_step", "_ratio", "multistep_orders", "_multistep", "dpmpp_2m",
                      "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde")),
     Group("unipc", ("fewstep/solvers/algo_unipc.py",), ("tests/solvers/test_unipc_parity.py", GAPS),
-          functions=("_uni_coeffs", "_uni_base", "_uni_update")),
+          functions=("_uni_coeffs", "_uni_base", "_uni_update", "unipc")),
     Group("solvers_other",
           ("fewstep/solvers/algo_consistency.py", "fewstep/solvers/algo_deis.py",
-           "fewstep/solvers/_math.py"),
+           "fewstep/solvers/algo_ipndm.py", "fewstep/solvers/_math.py"),
           ("tests/solvers/test_consistency_parity.py", "tests/solvers/test_ipndm_parity.py",
            "tests/solvers/test_deis_parity.py", GAPS),
-          functions=("cm", "logrho_weights", "multistep_order", "init_scale", "first_order", "expm1_neg")),
+          functions=("cm", "logrho_weights", "ipndm", "multistep_order", "init_scale", "first_order",
+                     "expm1_neg")),
     Group("spacing", ("fewstep/solvers/spacing.py",), ("tests/solvers/test_schedules.py", GAPS),
           functions=("karras_sigmas", "exponential_sigmas", "loglinear_interp", "_flow_shift")),
     Group("program_builder", ("fewstep/solvers/build.py",),
@@ -364,10 +365,11 @@ mutated: a changed message is not a silent numeric mistake.  Left out on purpose
 - options validation (`__post_init__`, `check_stage_inputs`, `Calibrator.__init__`) and NFE limits
   (`*_max_nfe`, `grids.py`'s step limits): a mistake there raises or refuses instead of computing a wrong
   number, and the error tests cover them;
-- to keep a full run near 30 minutes on 2 shared cores: the FP8 GEMM (`fp8_gemm.py`), `grids.py`, DPM
-  singlestep (`dpmpp_2s`), UniPC's and iPNDM's step loops (their coefficient functions and the shared step
-  math in `_math.py` are in), DDIM / Euler / Heun / LCM / TCD, the rest of `spacing.py`, the adapters'
-  `__call__` wiring beyond the guidance helpers, and the Engine beyond its cache key (`plan_for`).
+- not yet in scope (a full run takes under 10 minutes on 2 shared cores, so more can be added): the FP8
+  GEMM (`fp8_gemm.py`), `grids.py`, DPM singlestep (`dpmpp_2s`), DEIS's step loop (its weights,
+  `logrho_weights`, are in), DDIM / Euler / Heun / LCM / TCD, the rest of `spacing.py`, the adapters'
+  `__call__` wiring beyond the guidance helpers, and the Engine beyond its cache key (`plan_for`).  The step
+  loops of DPM-Solver++ (multistep and SDE), UniPC, iPNDM and consistency sampling (`cm`) are in.
 """
 
 

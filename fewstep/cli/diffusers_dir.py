@@ -83,6 +83,25 @@ def load_diffusers_dir(path: Path, scheduler_config: str | None, device):
     return net, sched, vae
 
 
+def latent_shape(net, batch: int, size: int | None) -> tuple[int, int, int, int]:
+    """(batch, channels, size, size) of a diffusers network's latents: ``size``, else its config's
+    ``sample_size`` (64 where it has none)."""
+    cfg = net.config
+    channels = int(getattr(cfg, "in_channels", 4))
+    if type(net).__name__ == "FluxTransformer2DModel":
+        channels //= 4  # Flux's in_channels counts packed 2x2 patches
+    size = size or int(getattr(cfg, "sample_size", 64))
+    return (batch, channels, size, size)
+
+
+def pipeline_spacing(model, spacing, nfe: int, shape):
+    """``spacing`` when given, else the spacing diffusers' pipeline uses for this model at ``shape`` (an
+    adapter's ``pipeline_spacing``), else None (the solver's own)."""
+    if spacing is None and getattr(model, "pipeline_spacing", None) is not None:
+        return model.pipeline_spacing(nfe, shape)
+    return spacing
+
+
 def decoded_strip(vae, latents):
     """Decode ``latents`` (N, C, h, w) with ``vae`` into one uint8 image, the N images side by side:
     (H, N * W, 3) for RGB, (H, N * W) for one channel."""

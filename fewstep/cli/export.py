@@ -161,6 +161,7 @@ def _diffusers_plan(args, guidance, device, quant):
     import torch
 
     import fewstep as fs
+    from fewstep.cli.diffusers_dir import latent_shape, pipeline_spacing
     from fewstep.cli.sample import _cond_suffix_message, _load_cond, _load_dir, _repeat_cond
 
     if args.cond is not None and Path(args.cond).suffix.lower() not in (".safetensors", ".npz"):
@@ -170,7 +171,7 @@ def _diffusers_plan(args, guidance, device, quant):
     if args.dtype is not None:
         net = net.to(_dtype(args.dtype))
     model, spec = fs.models.from_diffusers(net, sched_cfg)
-    cfg, cls = net.config, type(net).__name__
+    cls = type(net).__name__
     batch = args.batch or 1
     if cls == "DiTTransformer2DModel":
         if cond_tensors is not None:
@@ -181,12 +182,8 @@ def _diffusers_plan(args, guidance, device, quant):
             raise ValueError(f"{cls} is text-conditioned: pass --cond FILE (.safetensors or .npz) with "
                              "example conditioning tensors (they fix the file's input shapes)")
         cond = _repeat_cond(cond_tensors, batch, args.cond, device)
-    size = args.size or int(getattr(cfg, "sample_size", 64))
-    channels = int(getattr(cfg, "in_channels", 4)) // (4 if cls == "FluxTransformer2DModel" else 1)
-    shape = (batch, channels, size, size)
-    spacing = args.spacing
-    if spacing is None and getattr(model, "pipeline_spacing", None) is not None:
-        spacing = model.pipeline_spacing(args.nfe, shape)
+    shape = latent_shape(net, batch, args.size)
+    spacing = pipeline_spacing(model, args.spacing, args.nfe, shape)
     plan = fs.compile(model, spec, solver=args.solver, nfe=args.nfe, spacing=spacing, shape=shape,
                       dtype=next(net.parameters()).dtype, guidance_scale=guidance, device=device, cond=cond,
                       **_plan_kw(args, quant))

@@ -35,7 +35,7 @@ from pathlib import Path
 from . import one_line
 from .checks import device as check_device
 from .checks import guidance_arg, guidance_or_none, positive_int_arg, writable_file
-from .diffusers_dir import decoded_strip
+from .diffusers_dir import decoded_strip, latent_shape, pipeline_spacing
 from .diffusers_dir import load_diffusers_dir as _load_dir
 
 _COND_SUFFIXES = (".safetensors", ".npz")
@@ -250,15 +250,9 @@ def _sample_diffusers(args, out: Path, guidance, device) -> int:
                              "conditioning tensors")
         batch = args.batch or 1
         cond = _repeat_cond(cond_tensors, batch, args.cond, device)
-    size = args.size or int(getattr(cfg, "sample_size", 64))
-    channels = int(getattr(cfg, "in_channels", 4))
-    if cls == "FluxTransformer2DModel":
-        channels //= 4  # Flux's in_channels counts packed 2x2 patches
-    shape = (batch, channels, size, size)
+    shape = latent_shape(net, batch, args.size)
     dtype = next(net.parameters()).dtype
-    spacing = None if args.tuned is not None else args.spacing
-    if spacing is None and args.tuned is None and getattr(model, "pipeline_spacing", None) is not None:
-        spacing = model.pipeline_spacing(nfe, shape)
+    spacing = None if args.tuned is not None else pipeline_spacing(model, args.spacing, nfe, shape)
     t0 = time.perf_counter()
     plan = fs.compile(
         model,

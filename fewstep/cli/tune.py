@@ -99,7 +99,7 @@ def _diffusers_model(args):
 
     import fewstep as fs
 
-    from .diffusers_dir import load_diffusers_dir
+    from .diffusers_dir import latent_shape, load_diffusers_dir, pipeline_spacing
     from .sample import _load_cond, _repeat_cond  # --cond is read exactly as `fewstep sample` reads it
 
     cond_path = Path(args.cond) if args.cond is not None else None
@@ -117,11 +117,8 @@ def _diffusers_model(args):
                          "conditioning of one image")
     else:
         cond = _repeat_cond(tensors, n, args.cond, torch.device("cpu"))
-    channels = int(getattr(cfg, "in_channels", 4)) // (4 if cls == "FluxTransformer2DModel" else 1)
-    size = args.size or int(getattr(cfg, "sample_size", 64))
-    shape = (n, channels, size, size)
-    spacing = model.pipeline_spacing(args.nfe, shape) if getattr(model, "pipeline_spacing", None) else None
-    return model, spec, shape, cond, spacing
+    shape = latent_shape(net, n, args.size)
+    return model, spec, shape, cond, pipeline_spacing(model, None, args.nfe, shape)
 
 
 def _ts(ts) -> str:

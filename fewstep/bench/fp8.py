@@ -196,6 +196,21 @@ def bench_producer(m: int, d: int, n: int, device: torch.device, *, tokens: int 
     )
 
 
+def dit_forward(config: dict, batch: int, device: torch.device, dtype: torch.dtype):
+    """``forward(model)``: a no-argument call of ``model`` on one fixed DiT input (latents from seed 0,
+    timestep 500, class labels 0, 1, ...), the input the forward benchmarks time and compare on."""
+    s, c = config["sample_size"], config["in_channels"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, c, s, s, generator=g).to(device, dtype)
+    t = torch.full((batch,), 500.0, device=device)
+    y = torch.arange(batch, device=device) % config["num_embeds_ada_norm"]
+
+    def forward(model):
+        return lambda: model(x, timestep=t, class_labels=y, return_dict=False)[0]
+
+    return forward
+
+
 def bench_dit_forward(batch: int, device: torch.device, *, config: dict | None = None,
                       static: bool = True) -> ForwardResult:
     """One DiT forward (DiT-XL/2 by default) replayed from a CUDA graph: bf16 vs FP8 (dynamic, and static
@@ -205,13 +220,7 @@ def bench_dit_forward(batch: int, device: torch.device, *, config: dict | None =
     config = config or DIT_XL_2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     mode = "fp8" if device.type == "cuda" else "fp8-emulated"
-    s, c = config["sample_size"], config["in_channels"]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(batch, c, s, s, generator=g).to(device, dtype)
-    t = torch.full((batch,), 500.0, device=device)
-    y = torch.arange(batch, device=device) % config["num_embeds_ada_norm"]
-    def forward(model):
-        return lambda: model(x, timestep=t, class_labels=y, return_dict=False)[0]
+    forward = dit_forward(config, batch, device, dtype)
 
     with torch.no_grad():
         dit = build_dit(config, device, dtype)

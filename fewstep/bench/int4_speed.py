@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .fp8 import DIT_XL_2_GEMMS
+from .fp8 import DIT_XL_2_GEMMS, dit_forward
 from .models import DIT_TINY, DIT_XL_2
 from .sample import build_dit
 from .timing import graph_median_ms, median_ms
@@ -365,14 +365,7 @@ def bench_int4_dit_forward(batch: int, device: torch.device, *, mode: str = "w4a
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     triton_ok = (cuda or interpreting()) if kernels is None else kernels
-    s, c = config["sample_size"], config["in_channels"]
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(batch, c, s, s, generator=g).to(device, dtype)
-    t = torch.full((batch,), 500.0, device=device)
-    y = torch.arange(batch, device=device) % config["num_embeds_ada_norm"]
-
-    def forward(model):
-        return lambda: model(x, timestep=t, class_labels=y, return_dict=False)[0]
+    forward = dit_forward(config, batch, device, dtype)
 
     def quantized(dit, q_mode, **kw):
         q = copy.deepcopy(dit)  # quantized in place: the cached model stays unquantized
@@ -411,6 +404,10 @@ def _x(v: float | None, width: int = 7) -> str:
     return f"{v:{width - 1}.2f}x" if v is not None else f"{'-':>{width}s}"
 
 
+def _us(v: float | None, width: int = 8) -> str:
+    return f"{v:{width}.1f}" if v is not None else f"{'-':>{width}s}"
+
+
 def format_int4_table(int4_gemms=(), w4a8_gemms=(), forwards=()) -> str:
     lines = []
     if int4_gemms:
@@ -418,19 +415,17 @@ def format_int4_table(int4_gemms=(), w4a8_gemms=(), forwards=()) -> str:
                      f"{'target':>7s} {'GB/s':>7s} {'vs ref dB':>9s} {'vs bf16 dB':>10s} {'best us':>8s}"
                      "  config")
         for r in int4_gemms:
-            best = f"{r.best_us:8.1f}" if r.best_us is not None else f"{'-':>8s}"
             lines.append(f"{r.model:9s} {f'{r.m} x {r.n} x {r.k}':20s} {r.int4_us:9.1f} {r.bf16_us:9.1f} "
                          f"{_x(r.speedup, 8)} {_x(r.target)} {r.weight_gbps:7.1f} {r.sqnr_vs_ref_db:9.1f} "
-                         f"{r.sqnr_vs_bf16_db:10.1f} {best}  {r.config}")
+                         f"{r.sqnr_vs_bf16_db:10.1f} {_us(r.best_us)}  {r.config}")
     if w4a8_gemms:
         lines.append(f"{'w4a8 gemm':9s} {'M x N x K':20s} {'w4a8 us':>9s} {'fp8 us':>9s} {'vs fp8':>8s} "
                      f"{'TFLOP/s':>8s} {'vs ref dB':>9s} {'vs bf16 dB':>10s} {'best us':>8s}"
                      "  config | fp8 config")
         for r in w4a8_gemms:
-            best = f"{r.best_us:8.1f}" if r.best_us is not None else f"{'-':>8s}"
             lines.append(f"{r.model:9s} {f'{r.m} x {r.n} x {r.k}':20s} {r.w4a8_us:9.1f} {r.fp8_us:9.1f} "
                          f"{_x(r.speedup, 8)} {r.tflops:8.1f} {r.sqnr_vs_ref_db:9.1f} "
-                         f"{r.sqnr_vs_bf16_db:10.1f} {best}  {r.config} | {r.fp8_config}")
+                         f"{r.sqnr_vs_bf16_db:10.1f} {_us(r.best_us)}  {r.config} | {r.fp8_config}")
     if forwards:
         lines.append(f"{'INT4 DiT forward':30s} {'bf16 ms':>8s} {'fp8 ms':>8s} {'int4 ms':>8s} "
                      f"{'int4/fp8':>9s} {'int4 dB':>8s} {'emulated dB':>12s} {'fp8 dB':>7s} "

@@ -49,16 +49,19 @@ def _save_gpu_results():
     yield
     if not any(RESULTS.values()):
         return
-    out = Path(os.environ.get("FEWSTEP_RESULTS_DIR") or Path(__file__).parent / "results")
     for kind, res in RESULTS.items():
         if res:
-            print(f"\nwrote {bench.save_results(kind, res, DEV, out)}")
+            print(f"\nwrote {bench.save_results(kind, res, DEV, _results_dir())}")
     print("\n" + speed.format_int4_table(RESULTS["int4_gemm"], RESULTS["w4a8_gemm"], RESULTS["w4a8_forward"]))
 
 
+def _results_dir() -> Path:
+    return Path(os.environ.get("FEWSTEP_RESULTS_DIR") or Path(__file__).parent / "results")
+
+
 def _save(kind, rows):
-    out = Path(os.environ.get("FEWSTEP_RESULTS_DIR") or Path(__file__).parent / "results")
     if os.environ.get("FEWSTEP_SAVE_INT4"):
+        out = _results_dir()
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{kind}.json").write_text(json.dumps(rows, indent=1))
 

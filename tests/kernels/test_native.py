@@ -18,6 +18,7 @@ from fewstep.kernels import native
 from fewstep.kernels.solver_update import StageUpdate, solver_update, solver_update_ref
 
 from .programs import get_program, guided_toy_net, program_ids, toy_net
+from .stages import random_stage
 
 try:  # the noise and error-message comparisons run the Triton kernel (interpreted on CPU)
     import triton
@@ -45,18 +46,7 @@ SHAPES = [(3, 3, 17, 23), (1, 4, 8, 8), (5, 1, 1, 7)]
 
 
 def _make(structure, shape, out_dtype, in_dtype, seed=0):
-    guided, ou, oc, reg_in, reg_out, z, ni, rows = structure
-    g = torch.Generator().manual_seed(seed)
-    n = int(np.prod(shape))
-    nc = int(ou) + int(oc) + len(reg_in) + int(z)
-    nr = len(reg_out) + int(ni)
-    coef = tuple((torch.rand(nr * nc, generator=g, dtype=torch.float64) * 4 - 2).tolist())
-    upd = StageUpdate(reg_in, reg_out, coef, ou, oc, z, ni, guided, noise_index=seed % 3)
-    gg = 2 if guided else 1
-    state = torch.randn(rows, n, generator=g)
-    net_out = torch.randn((gg * shape[0],) + shape[1:], generator=g).to(out_dtype)
-    net_in = torch.full((gg * shape[0],) + shape[1:], float("nan"), dtype=in_dtype)
-    return upd, state, net_out, net_in
+    return random_stage(structure, shape, out_dtype, in_dtype, seed=seed)
 
 
 def _assert_rel(got, want, tol=1e-6, what=""):

@@ -23,6 +23,7 @@ from fewstep.kernels.solver_update import (  # noqa: E402
 
 from .noise_stats import check_streams_independent, corr_bound  # noqa: E402
 from .programs import get_program, guided_toy_net, program_ids, toy_net  # noqa: E402
+from .stages import random_stage  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
@@ -39,20 +40,7 @@ SHAPES = [(3, 3, 17, 23), (1, 4, 8, 8), (5, 1, 1, 7)]
 
 
 def _make(structure, shape, net_dtype, seed=0):
-    guided, ou, oc, reg_in, reg_out, z, ni, rows = structure
-    g = torch.Generator().manual_seed(seed)
-    n = 1
-    for d in shape:
-        n *= d
-    nc = int(ou) + int(oc) + len(reg_in) + int(z)
-    nr = len(reg_out) + int(ni)
-    coef = tuple((torch.rand(nr * nc, generator=g, dtype=torch.float64) * 4 - 2).tolist())
-    upd = StageUpdate(reg_in, reg_out, coef, ou, oc, z, ni, guided, noise_index=seed % 3)
-    gg = 2 if guided else 1
-    state = torch.randn(rows, n, generator=g).to(DEV)
-    net_out = torch.randn((gg * shape[0],) + shape[1:], generator=g).to(net_dtype).to(DEV)
-    net_in = torch.full((gg * shape[0],) + shape[1:], float("nan"), dtype=net_dtype, device=DEV)
-    return upd, state, net_out, net_in
+    return random_stage(structure, shape, net_dtype, seed=seed, device=DEV)
 
 
 def _f64(upd, state, net_out, z):

@@ -22,6 +22,8 @@ from fewstep.kernels.solver_update import (  # noqa: E402
     solver_update_ref,
 )
 
+from ..kernels.stages import random_stage  # noqa: E402
+
 # (guided, has_ou, has_oc, reg_in, reg_out, has_z, has_net_in, rows in the state): every column kind alone
 # and together, a register read and written, outputs without net_in, net_in without register outputs.
 STRUCTURES = [
@@ -38,18 +40,9 @@ U32 = 2.0**-24  # unit roundoff of float32
 
 
 def _make(structure, n, net_dtype=torch.float32, seed=0):
-    guided, ou, oc, reg_in, reg_out, z, ni, rows = structure
     g = torch.Generator().manual_seed(seed)
-    nc = int(ou) + int(oc) + len(reg_in) + int(z)
-    nr = len(reg_out) + int(ni)
-    coef = tuple((torch.rand(nr * nc, generator=g, dtype=torch.float64) * 4 - 2).tolist())
-    upd = StageUpdate(reg_in, reg_out, coef, ou, oc, z, ni, guided, noise_index=seed % 3)
-    gg = 2 if guided else 1
-    state = torch.randn(rows, n, generator=g)
-    net_out = torch.randn(gg * n, generator=g).to(net_dtype)
-    net_in = torch.full((gg * n,), float("nan"), dtype=net_dtype)
-    zz = torch.randn(n, generator=g)
-    return upd, state, net_out, net_in, zz
+    upd, state, net_out, net_in = random_stage(structure, (n,), net_dtype, seed=seed, generator=g)
+    return upd, state, net_out, net_in, torch.randn(n, generator=g)
 
 
 def _exact(upd, state, net_out, z):

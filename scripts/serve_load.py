@@ -12,6 +12,8 @@ only; every request has a client timeout and every load a fixed count and a dead
    own seed) within 1e-5 relative (max |difference| / max |sample|).
 3. a replica killed under load (``ray.kill`` of its actor): every request answered 200 or 5xx, none lost or
    hung; seconds until Serve's new replica answers; then 50 requests, all 200.
+0. the served program alone, no server: ``fs.Engine`` calls at batch 1 and at ``--max-batch`` on one torch
+   thread, the rows/s ratio being the most merging could gain on the plan's own work.
 4. throughput: single-label requests from ``--clients`` clients against the same server (merging) and
    against ``fewstep serve --max-batch 1`` (one request per plan call), both running, in ``--rounds``
    alternating rounds so that other load on the machine hits both alike: the median round's requests/s,
@@ -115,6 +117,27 @@ class Oracle:
                                             guidance_scale=self.guidance, shape=(len(y), 1, 8, 8),
                                             cond={"class_labels": y})
         return self.plans[len(y)](request_noise(len(y), (1, 8, 8), payload["seed"]), class_labels=y)
+
+    def plan_alone(self, max_batch: int, rounds: int = 7) -> dict:
+        """The served program without the server: ``fs.Engine`` calls at batch 1 and at ``max_batch`` in
+        this process (one torch thread, as a replica runs it), ``rounds`` alternating medians of a few calls,
+        the median of those kept: what merging could gain at most on the plan's own work."""
+        import fewstep as fs
+        from fewstep.bench.timing import median_ms
+
+        eng = fs.Engine(self.model, self.spec, solver=self.solver, nfe=self.nfe, guidance_scale=self.guidance)
+        g = torch.Generator().manual_seed(0)
+        inputs = {b: (torch.randn(b, 1, 8, 8, generator=g), torch.arange(b) % 10) for b in (1, max_batch)}
+        ms: dict[int, list[float]] = {b: [] for b in inputs}
+        for _ in range(rounds):
+            for b, (x, y) in inputs.items():
+                ms[b].append(median_ms(lambda x=x, y=y: eng(x, class_labels=y), torch.device("cpu")))
+        out = {}
+        for b, v in ms.items():
+            med = sorted(v)[len(v) // 2]
+            out[f"batch_{b}_ms"], out[f"batch_{b}_rows_per_s"] = med, b * 1e3 / med
+        out["rows_per_s_ratio"] = out[f"batch_{max_batch}_rows_per_s"] / out["batch_1_rows_per_s"]
+        return out
 
 
 def payloads(n: int, seed: int, max_rows: int) -> list[dict]:
@@ -229,6 +252,9 @@ def main(argv=None) -> int:
     result = {"environment": environment(), "settings": settings}
     cpu_flags = () if args.cpus_per_replica is None else ("--cpus-per-replica", str(args.cpus_per_replica))
     merging_flags = (() if args.max_batch is None else ("--max-batch", str(args.max_batch))) + cpu_flags
+    oracle = Oracle("unipc", 8, 1.5)
+    result["plan_alone"] = oracle.plan_alone(settings["max_batch"])  # before any server shares the cores
+    print(f"the plan alone (one thread): {result['plan_alone']}", flush=True)
     print(f"starting fewstep serve {' '.join(merging_flags)} ...", flush=True)
     server = Server(*merging_flags)
     single = None
@@ -241,7 +267,6 @@ def main(argv=None) -> int:
         load = client.summarize(replies)
         load["seconds"] = time.monotonic() - t
         print(f"correctness load: {load}", flush=True)
-        oracle = Oracle("unipc", 8, 1.5)
         load.update(check_equal(replies, oracle))
         result["correctness"] = load
         print(f"  checked: {load['errors']} errors, worst relative error {load['worst_rel_err']:.2e}, "
@@ -289,7 +314,10 @@ def main(argv=None) -> int:
     for name, r in ((f"merging (--max-batch {mb})", m), ("one request per plan call (--max-batch 1)", s)):
         print(f"| {args.throughput_requests} requests, 1 label | {name} | {r['requests_per_s']:.2f} | "
               f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} |")
-    print(f"\nthroughput ratio {result['throughput_ratio']:.2f}x; start-up {result['startup_s']:.1f} s; "
+    pa = result["plan_alone"]
+    print(f"\nthe plan alone, one thread: batch 1 {pa['batch_1_ms']:.1f} ms, batch {mb} "
+          f"{pa[f'batch_{mb}_ms']:.1f} ms: {pa['rows_per_s_ratio']:.2f}x the rows/s")
+    print(f"throughput ratio {result['throughput_ratio']:.2f}x; start-up {result['startup_s']:.1f} s; "
           f"targets {result['targets']}\nwrote {path}")
     return 0 if all(result["targets"].values()) else 1
 
